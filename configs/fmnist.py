@@ -1,0 +1,110 @@
+"""Fashion-MNIST on a CPU: the default that anyone can run (about 20 minutes on 2 cores).
+
+python -m lejepa_jax.main --config=configs/fmnist.py --workdir=/tmp/fmnist
+python -m lejepa_jax.main --config=configs/fmnist.py:runlocal --workdir=/tmp/fmnist_local
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+  runlocal = arg == 'runlocal'
+  if arg not in (None, '', 'runlocal'):
+    raise ValueError(f"configs/fmnist.py takes no argument or 'runlocal', got {arg!r}")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 256
+  c.total_steps = 1500
+  c.lamb = 0.05
+  c.loss_convention = 'convex'    # (1 - lamb) * inv + lamb * sigreg, as the paper
+  c.log_every = 25
+  c.checkpoint_every = 500
+  c.mesh = {'data': -1, 'fsdp': 1, 'tensor': 1}
+
+  c.sigreg = ml_collections.ConfigDict()
+  c.sigreg.num_slices = 256
+  c.sigreg.t_max = 3.0
+  c.sigreg.num_points = 17
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'fashion_mnist'
+  c.data.dir = None               # None: /usr/share/datasets/fashion-mnist
+  c.data.train_split = 'train'
+  c.data.test_split = 'test'
+  c.data.num_classes = 10
+  c.data.channels = 1
+  c.data.mean = (0.2860,)
+  c.data.std = (0.3530,)
+  c.data.num_global_views = 2
+  c.data.num_local_views = 4
+  c.data.global_size = 28
+  c.data.local_size = 14
+  c.data.global_scale = (0.3, 1.0)
+  c.data.local_scale = (0.05, 0.3)
+  c.data.num_threads = 2
+  c.data.prefetch = 4
+  c.data.num_workers = 0
+  c.data.augment = ml_collections.ConfigDict()
+  a = c.data.augment
+  a.flip_prob = 0.5
+  a.jitter_prob = 0.8
+  a.brightness = 0.4
+  a.contrast = 0.4
+  a.saturation = 0.2              # no effect on grayscale images
+  a.hue = 0.1                     # no effect on grayscale images
+  a.grayscale_prob = 0.2          # no effect on grayscale images
+  a.blur_prob = 0.5
+  a.blur_sigma = (0.1, 1.0)       # pixels of the output crop (28 px, not 224 px)
+  a.solarize_prob = 0.2
+
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = 'mu'
+  c.model.patch_size = 7
+  c.model.width = 192
+  c.model.depth = 6
+  c.model.mlp_dim = 768
+  c.model.num_heads = 6
+  c.model.num_registers = 0
+  c.model.dtype = 'float32'       # these CPUs have no fast bfloat16
+  c.model.remat = 'none'
+  c.model.scan = True
+  c.model.projector_hidden = (512, 512)
+  c.model.projector_out = 64
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 2e-3
+  c.optim.warmup_steps = 100
+  c.optim.weight_decay = 0.05
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.clip_norm = None
+  c.optim.probe_lr = 1e-3
+  c.optim.probe_weight_decay = 1e-6
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 1000
+  c.eval.max_examples = None      # None: the full splits
+  c.eval.probe_lrs = (1e-3, 3e-3, 1e-2)
+  c.eval.probe_epochs = 30
+  c.eval.probe_batch_size = 1024
+  c.eval.probe_weight_decay = 1e-6
+  c.eval.knn_k = 20
+  c.eval.knn_temperature = 0.07
+
+  if runlocal:
+    c.batch_size = 32
+    c.total_steps = 20
+    c.log_every = 5
+    c.checkpoint_every = 10
+    c.sigreg.num_slices = 64
+    c.data.num_local_views = 2
+    c.model.width = 64
+    c.model.depth = 2
+    c.model.mlp_dim = 128
+    c.model.num_heads = 2
+    c.model.projector_hidden = (128,)
+    c.model.projector_out = 16
+    c.optim.warmup_steps = 5
+    c.eval.max_examples = 2000
+    c.eval.probe_lrs = (3e-3,)
+    c.eval.probe_epochs = 5
+  return c

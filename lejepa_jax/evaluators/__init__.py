@@ -1,0 +1,1 @@
+"""Frozen evaluation: features, linear probe, k-NN."""

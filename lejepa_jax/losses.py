@@ -1,0 +1,44 @@
+"""The LeJEPA objective: view invariance + lambda * SIGReg (paper, section 5)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lejepa_jax import sigreg as sigreg_lib
+
+CONVENTIONS = ('convex', 'additive')
+
+
+def invariance(global_proj: jax.Array, all_proj: jax.Array) -> jax.Array:
+  """Mean squared distance of every view to the centre of the global views.
+
+  global_proj: (Vg, N, K) projections of the global views; all_proj: (V, N, K)
+  projections of all views (global first). Mean over views, samples and dims.
+  """
+  centers = jnp.mean(global_proj, axis=0)
+  return jnp.mean(jnp.square(centers[None] - all_proj))
+
+
+def combine(inv: jax.Array, sig: jax.Array, lamb: float, convention: str) -> jax.Array:
+  """'convex': (1 - lamb) * inv + lamb * sig (the paper); 'additive': inv + lamb * sig."""
+  if convention == 'convex':
+    return (1.0 - lamb) * inv + lamb * sig
+  if convention == 'additive':
+    return inv + lamb * sig
+  raise ValueError(f'loss_convention must be one of {CONVENTIONS}, got {convention!r}')
+
+
+def lejepa_loss(global_proj: jax.Array, all_proj: jax.Array, key: jax.Array, *,
+                lamb: float, convention: str = 'convex', num_slices: int = 1024,
+                t_max: float = 3.0, num_points: int = 17, axis_name=None):
+  """Returns (loss, {'inv': ..., 'sigreg': ...}).
+
+  SIGReg is averaged over views: each view's batch of projections is tested
+  against N(0, I) with the same slices (drawn from `key`).
+  """
+  inv = invariance(global_proj.astype(jnp.float32), all_proj.astype(jnp.float32))
+  if axis_name is not None:
+    inv = jax.lax.pmean(inv, axis_name)
+  sig = sigreg_lib.sigreg(all_proj, key, num_slices=num_slices, t_max=t_max,
+                          num_points=num_points, axis_name=axis_name)
+  return combine(inv, sig, lamb, convention), {'inv': inv, 'sigreg': sig}
