@@ -27,7 +27,7 @@ def get_config(arg=None):
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'fashion_mnist'
-  c.data.dir = None               # None: /usr/share/datasets/fashion-mnist
+  c.data.dir = ''                 # '': /usr/share/datasets/fashion-mnist
   c.data.train_split = 'train'
   c.data.test_split = 'test'
   c.data.num_classes = 10
@@ -76,13 +76,13 @@ def get_config(arg=None):
   c.optim.weight_decay = 0.05
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
-  c.optim.clip_norm = None
+  c.optim.clip_norm = 0.0         # 0: no clipping
   c.optim.probe_lr = 1e-3
   c.optim.probe_weight_decay = 1e-6
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 1000
-  c.eval.max_examples = None      # None: the full splits
+  c.eval.max_examples = 0         # 0: the full splits
   c.eval.probe_lrs = (1e-3, 3e-3, 1e-2)
   c.eval.probe_epochs = 30
   c.eval.probe_batch_size = 1024

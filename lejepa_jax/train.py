@@ -106,25 +106,31 @@ def train_step(state: TrainState, batch: dict, *, model, tx, config):
   return new_state, {f'train/{k}': v for k, v in aux.items()}
 
 
-def evaluate(config, model, state, mesh) -> dict:
-  """Frozen evaluation on the full test split: linear probe and k-NN top-1."""
+def extract_features(config, model, state, mesh):
+  """Frozen features and labels of the train and test splits: ((x, y), (x, y))."""
   e = config.eval
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   feature_fn = jax.jit(lambda images: model.apply(variables, images, method=models.LeJEPAModel.features),
                        in_shardings=sharding_lib.batch_sharding(mesh))
-  local_bs = e.batch_size // jax.process_count()
-  splits = {}
+  out = []
   for split in (config.data.train_split, config.data.test_split):
     source = sources.get_source(config.data, split)
     if e.get('max_examples'):
       source = sources.ArraySource(*_head(source, e.max_examples))
     logging.info('extracting features: %s (%d images)', split, len(source))
-    batches = pipeline.eval_batches(source, config.data, local_batch_size=local_bs,
+    batches = pipeline.eval_batches(source, config.data,
+                                    local_batch_size=e.batch_size // jax.process_count(),
                                     process_index=jax.process_index(),
                                     process_count=jax.process_count())
-    splits[split] = features_lib.extract(feature_fn, batches, mesh,
-                                         num_batches=-(-len(source) // e.batch_size))
-  (train_x, train_y), (test_x, test_y) = splits[config.data.train_split], splits[config.data.test_split]
+    out.append(features_lib.extract(feature_fn, batches, mesh,
+                                    num_batches=-(-len(source) // e.batch_size)))
+  return tuple(out)
+
+
+def evaluate(config, model, state, mesh) -> dict:
+  """Frozen evaluation on the full test split: linear probe and k-NN top-1."""
+  e = config.eval
+  (train_x, train_y), (test_x, test_y) = extract_features(config, model, state, mesh)
   n_cls = config.data.num_classes
   results = {}
   t = time.perf_counter()

@@ -74,33 +74,41 @@ def resize_matrix(start: int, length: int, in_size: int, out_size: int) -> np.nd
 
   Half-pixel centres (align_corners=False), edge-clamped, no antialiasing.
   """
-  centres = start + (np.arange(out_size, dtype=np.float64) + 0.5) * (length / out_size) - 0.5
+  centres = start + (np.arange(out_size) + 0.5) * (length / out_size) - 0.5
   centres = np.clip(centres, 0, in_size - 1)
-  lo = np.floor(centres).astype(np.int64)
+  lo = centres.astype(np.int64)              # floor: centres are >= 0
   hi = np.minimum(lo + 1, in_size - 1)
-  frac = centres - lo
-  m = np.zeros((out_size, in_size), np.float64)
+  frac = (centres - lo).astype(np.float32)
+  m = np.zeros((out_size, in_size), np.float32)
   rows = np.arange(out_size)
-  np.add.at(m, (rows, lo), 1.0 - frac)
-  np.add.at(m, (rows, hi), frac)
-  return m.astype(np.float32)
+  m[rows, lo] = 1.0 - frac
+  m[rows, hi] += frac                        # lo == hi only where frac == 0
+  return m
 
 
 def blur_matrix(size: int, sigma: float) -> np.ndarray:
-  """(size, size) Gaussian blur with reflect padding (kernel radius 3 sigma)."""
+  """(size, size) Gaussian blur, kernel radius ceil(3 sigma), 'reflect' borders (d c b|a b c d)."""
   radius = max(1, int(math.ceil(3.0 * sigma)))
   offsets = np.arange(-radius, radius + 1)
   kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
   kernel /= kernel.sum()
-  m = np.zeros((size, size), np.float64)
-  for i in range(size):
-    j = i + offsets
-    # reflect without repeating the edge pixel ('reflect' mode), for any radius
-    period = 2 * (size - 1) if size > 1 else 1
-    j = np.abs(np.mod(j, period)) if size > 1 else np.zeros_like(j)
-    j = np.where(j >= size, period - j, j)
-    np.add.at(m[i], j, kernel)
-  return m.astype(np.float32)
+  cols = np.arange(size)[:, None] + offsets[None, :]
+  if size > 1:
+    period = 2 * (size - 1)
+    cols = np.mod(cols, period)
+    cols = np.where(cols >= size, period - cols, cols)
+  else:
+    cols = np.zeros_like(cols)
+  rows = np.broadcast_to(np.arange(size)[:, None], cols.shape)
+  flat = np.bincount((rows * size + cols).ravel(), np.broadcast_to(kernel, cols.shape).ravel(),
+                     minlength=size * size)
+  return flat.reshape(size, size).astype(np.float32)
+
+
+def _apply(rows: np.ndarray, x: np.ndarray, cols: np.ndarray) -> np.ndarray:
+  """rows @ x @ cols^T on each channel of x (H, W, C) -> (out_h, out_w, C)."""
+  y = np.matmul(rows, np.moveaxis(x, -1, 0))          # (C, out_h, W)
+  return np.moveaxis(np.matmul(y, cols.T), 0, -1)
 
 
 def _grayscale(x: np.ndarray) -> np.ndarray:
@@ -141,25 +149,25 @@ def color_jitter(rng: np.random.Generator, x: np.ndarray, spec: AugmentSpec) -> 
   On single-channel images only brightness and contrast apply; the rng draws
   are the same either way so that determinism does not depend on channels.
   """
-  factors = {
-      'brightness': rng.uniform(1 - spec.brightness, 1 + spec.brightness),
-      'contrast': rng.uniform(1 - spec.contrast, 1 + spec.contrast),
-      'saturation': rng.uniform(1 - spec.saturation, 1 + spec.saturation),
-      'hue': rng.uniform(-spec.hue, spec.hue),
-  }
+  low = np.array([1 - spec.brightness, 1 - spec.contrast, 1 - spec.saturation, -spec.hue])
+  high = np.array([1 + spec.brightness, 1 + spec.contrast, 1 + spec.saturation, spec.hue])
+  factors = rng.uniform(low, high)
   rgb = x.shape[-1] == 3
-  for name in rng.permutation(list(factors)):
-    f = factors[name]
-    if name == 'brightness':
+  for op in rng.permutation(4):
+    f = factors[op]
+    if op == 0:                                   # brightness
       x = x * f
-    elif name == 'contrast':
-      x = (x - _grayscale(x).mean()) * f + _grayscale(x).mean()
-    elif name == 'saturation' and rgb:
+    elif op == 1:                                 # contrast, around the mean luma
+      mean = _grayscale(x).mean()
+      x = (x - mean) * f + mean
+    elif op == 2 and rgb:                         # saturation
       gray = _grayscale(x)
       x = (x - gray) * f + gray
-    elif name == 'hue' and rgb:
+    elif op == 3 and rgb:                         # hue
       x = _adjust_hue(x, f)
-    x = np.clip(x, 0.0, 1.0)
+    else:
+      continue
+    np.clip(x, 0.0, 1.0, out=x)
   return x
 
 
@@ -172,8 +180,7 @@ def augment_view(rng: np.random.Generator, image: np.ndarray, view: ViewSpec,
   cols = resize_matrix(left, w, width, view.size)
   if rng.random() < spec.flip_prob:
     cols = cols[::-1]
-  x = np.einsum('oh,hwc,pw->opc', rows, image.astype(np.float32) * (1.0 / 255.0), cols,
-                optimize=True)
+  x = _apply(rows, image.astype(np.float32) * np.float32(1.0 / 255.0), cols)
   if rng.random() < spec.jitter_prob:
     x = color_jitter(rng, x, spec)
   if rng.random() < spec.grayscale_prob and channels == 3:
@@ -181,16 +188,17 @@ def augment_view(rng: np.random.Generator, image: np.ndarray, view: ViewSpec,
   if rng.random() < spec.blur_prob:
     sigma = rng.uniform(*spec.blur_sigma)
     k = blur_matrix(view.size, sigma)
-    x = np.einsum('oh,hwc,pw->opc', k, x, k, optimize=True)
+    x = _apply(k, x, k)
   if rng.random() < spec.solarize_prob:
     x = np.where(x >= spec.solarize_threshold, 1.0 - x, x)
   return normalize(x, spec)
 
 
 def normalize(x: np.ndarray, spec: AugmentSpec) -> np.ndarray:
-  mean = np.asarray(spec.mean, np.float32)[: x.shape[-1]]
-  std = np.asarray(spec.std, np.float32)[: x.shape[-1]]
-  return ((x - mean) / std).astype(np.float32)
+  channels = x.shape[-1]
+  mean = np.asarray(spec.mean[:channels], np.float32)
+  inv_std = 1.0 / np.asarray(spec.std[:channels], np.float32)
+  return ((x - mean) * inv_std).astype(np.float32, copy=False)
 
 
 def eval_view(image: np.ndarray, size: int, spec: AugmentSpec, crop_fraction: float = 1.0) -> np.ndarray:
@@ -199,6 +207,5 @@ def eval_view(image: np.ndarray, size: int, spec: AugmentSpec, crop_fraction: fl
   side = int(round(min(height, width) * crop_fraction))
   rows = resize_matrix((height - side) // 2, side, height, size)
   cols = resize_matrix((width - side) // 2, side, width, size)
-  x = np.einsum('oh,hwc,pw->opc', rows, image.astype(np.float32) * (1.0 / 255.0), cols,
-                optimize=True)
+  x = _apply(rows, image.astype(np.float32) * np.float32(1.0 / 255.0), cols)
   return normalize(x, spec)

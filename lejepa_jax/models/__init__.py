@@ -52,9 +52,10 @@ class LeJEPAModel(nn.Module):
 
 def build_model(config) -> LeJEPAModel:
   m = config.model
+  # width/depth/mlp_dim/num_heads override the variant table when set (> 0).
+  sizes = {k: m.get(k) or None for k in ('width', 'depth', 'mlp_dim', 'num_heads')}
   enc = vit_config(m.variant, patch_size=m.patch_size, image_size=config.data.global_size,
-                   width=m.get('width'), depth=m.get('depth'), mlp_dim=m.get('mlp_dim'),
-                   num_heads=m.get('num_heads'), num_registers=m.get('num_registers', 0),
+                   **sizes, num_registers=m.get('num_registers', 0),
                    remat=m.get('remat', 'none'), scan=m.get('scan', True),
                    dtype=jnp.dtype(m.get('dtype', 'float32')))
   return LeJEPAModel(encoder=enc, projector_hidden=tuple(m.projector_hidden),

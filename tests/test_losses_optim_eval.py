@@ -1,0 +1,80 @@
+"""The LeJEPA loss, the optimizer's schedule and masks, and the frozen evaluators."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lejepa_jax import losses, optim, sigreg
+from lejepa_jax.evaluators import knn, linear_probe
+
+
+def test_invariance_matches_numpy():
+  rng = np.random.default_rng(0)
+  proj = rng.normal(size=(6, 10, 4))           # 2 global + 4 local views
+  centre = proj[:2].mean(0)
+  ref = np.mean([np.mean(np.sum((centre - proj[v]) ** 2, -1) / 4) for v in range(6)])
+  np.testing.assert_allclose(losses.invariance(jnp.asarray(proj[:2]), jnp.asarray(proj)), ref,
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize('convention', ['convex', 'additive'])
+def test_loss_conventions(convention):
+  proj = jax.random.normal(jax.random.key(0), (4, 64, 8))
+  key = jax.random.key(1)
+  loss, terms = losses.lejepa_loss(proj[:2], proj, key, lamb=0.1, convention=convention,
+                                   num_slices=32)
+  sig = sigreg.sigreg(proj, key, num_slices=32)
+  np.testing.assert_allclose(terms['sigreg'], sig, rtol=1e-6)
+  inv = terms['inv']
+  expected = 0.9 * inv + 0.1 * sig if convention == 'convex' else inv + 0.1 * sig
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+  with pytest.raises(ValueError, match='loss_convention'):
+    losses.combine(inv, sig, 0.1, 'other')
+
+
+def test_schedule_warmup_then_cosine_to_lr_over_1000():
+  s = optim.schedule(1e-3, total_steps=100, warmup_steps=10)
+  np.testing.assert_allclose([s(0), s(5), s(10)], [0.0, 5e-4, 1e-3], rtol=1e-6)
+  np.testing.assert_allclose(s(55), 1e-6 + (1e-3 - 1e-6) * 0.5, rtol=1e-5)
+  np.testing.assert_allclose(s(100), 1e-6, rtol=1e-5)
+
+
+def test_no_weight_decay_on_norms_and_biases():
+  params = {'dense': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2)}, 'norm': {'scale': jnp.ones(2)}}
+  tx = optim.adamw(1.0, 10, 0, weight_decay=0.5)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero, tx.init(params), params)
+  # warmup 0 -> lr(0) = 1: with zero gradients only decoupled weight decay moves parameters
+  np.testing.assert_allclose(updates['dense']['kernel'], -0.5 * np.ones((2, 2)), rtol=1e-6)
+  np.testing.assert_array_equal(updates['dense']['bias'], 0)
+  np.testing.assert_array_equal(updates['norm']['scale'], 0)
+
+
+def test_knn_matches_brute_force_numpy():
+  rng = np.random.default_rng(0)
+  train_x, train_y = rng.normal(size=(300, 5)), rng.integers(0, 4, 300)
+  test_x, test_y = rng.normal(size=(50, 5)), rng.integers(0, 4, 50)
+  k, temp = 7, 0.1
+  tn = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+  qn = test_x / np.linalg.norm(test_x, axis=1, keepdims=True)
+  preds = []
+  for q in qn:
+    sims = tn @ q
+    top = np.argsort(-sims)[:k]
+    votes = np.zeros(4)
+    np.add.at(votes, train_y[top], np.exp(sims[top] / temp))
+    preds.append(votes.argmax())
+  ref = np.mean(np.array(preds) == test_y)
+  got = knn.evaluate(train_x, train_y, test_x, test_y, 4, k=k, temperature=temp, chunk=16)
+  assert got['knn_top1'] == pytest.approx(ref)
+
+
+def test_linear_probe_learns_a_linear_rule_and_picks_lr_on_holdout():
+  rng = np.random.default_rng(1)
+  w = rng.normal(size=(20, 3))
+  x = rng.normal(size=(3000, 20))
+  y = np.argmax(x @ w, -1)
+  out = linear_probe.evaluate(x[:2000], y[:2000], x[2000:], y[2000:], 3, lrs=(1e-5, 1e-2),
+                              epochs=20, batch_size=256)
+  assert out['linear_probe_lr'] == 1e-2
+  assert out['linear_probe_top1'] > 0.93

@@ -1,0 +1,92 @@
+"""ViT shapes for global and local crops, the variant table, and the projector."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lejepa_jax import models
+from lejepa_jax.models import vit
+
+
+def _small(**kw):
+  return vit.vit_config('mu', patch_size=4, image_size=32, width=32, depth=3, mlp_dim=64,
+                        num_heads=2, **kw)
+
+
+@pytest.mark.parametrize('scan', [True, False])
+@pytest.mark.parametrize('registers', [0, 2])
+def test_vit_shapes_for_global_and_local_crops(scan, registers):
+  model = vit.ViT(_small(scan=scan, num_registers=registers))
+  params = model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)))
+  for size in (32, 16, 8):
+    out = model.apply(params, jnp.ones((5, size, size, 3)))
+    chex.assert_shape(out['cls'], (5, 32))
+    chex.assert_shape(out['probe_features'], (5, 64))
+    chex.assert_tree_all_finite(out)
+
+
+def test_scan_and_loop_compute_the_same_function():
+  images = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+  scanned = vit.ViT(_small(scan=True))
+  params = scanned.init(jax.random.key(0), images)['params']
+  # Unstack the scanned block parameters into block_i for the loop version.
+  blocks = params['blocks']
+  loop_params = {k: v for k, v in params.items() if k != 'blocks'}
+  for i in range(3):
+    loop_params[f'block_{i}'] = jax.tree.map(lambda p: p[i], blocks)
+  out_scan = scanned.apply({'params': params}, images)
+  out_loop = vit.ViT(_small(scan=False)).apply({'params': loop_params}, images)
+  chex.assert_trees_all_close(out_scan, out_loop, rtol=1e-5, atol=1e-5)
+
+
+def test_probe_features_are_the_last_two_block_cls_tokens():
+  images = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+  model = vit.ViT(_small(scan=False))
+  params = model.init(jax.random.key(0), images)
+  out, inter = model.apply(params, images, capture_intermediates=True)
+  last = inter['intermediates']['block_2']['__call__'][0][0][:, 0]
+  second_last = inter['intermediates']['block_1']['__call__'][0][0][:, 0]
+  np.testing.assert_allclose(out['probe_features'], np.concatenate([second_last, last], -1),
+                             rtol=1e-6)
+
+
+def test_position_embeddings_resize_for_local_grids():
+  pos = jnp.arange(16.0).reshape(1, 16, 1)
+  same = vit._resize_grid(pos, 4, 4)
+  np.testing.assert_array_equal(same, pos)
+  small = vit._resize_grid(pos, 4, 2)
+  chex.assert_shape(small, (1, 4, 1))
+  # bilinear 4 -> 2 with half-pixel centres averages 2x2 blocks of a linear ramp
+  np.testing.assert_allclose(small[0, :, 0], [2.5, 4.5, 10.5, 12.5])
+
+
+@pytest.mark.parametrize('variant,params_m', [('Ti', 5.7), ('S', 22.0), ('B', 86.6), ('L', 304.4),
+                                              ('H', 632.0), ('g', 1843.0)])
+def test_variant_parameter_counts(variant, params_m):
+  patch = 14 if variant in ('H', 'g') else 16
+  cfg = vit.vit_config(variant, patch_size=patch, image_size=224)
+  shapes = jax.eval_shape(vit.ViT(cfg).init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+  count = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)) / 1e6
+  assert abs(count - params_m) / params_m < 0.01, (variant, count)
+
+
+def test_projector_matches_numpy_with_batch_statistics():
+  import flax.linen as nn
+  proj = models.Projector((16,), 4)
+  x = np.asarray(jax.random.normal(jax.random.key(0), (64, 8)) * 5 + 3, np.float64)
+  variables = nn.unbox(proj.init(jax.random.key(1), jnp.asarray(x, jnp.float32), train=False))
+  y, _ = proj.apply(variables, jnp.asarray(x, jnp.float32), train=True, mutable=['batch_stats'])
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables['params'])
+  h = x @ p['dense_0']['kernel'] + p['dense_0']['bias']
+  h = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) * p['bn_0']['scale'] + p['bn_0']['bias']
+  h = np.asarray(jax.nn.gelu(jnp.asarray(h)), np.float64)
+  ref = h @ p['out']['kernel'] + p['out']['bias']
+  np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_config_raises():
+  with pytest.raises(ValueError, match='variant'):
+    vit.vit_config('XXL', patch_size=16, image_size=224)
+  with pytest.raises(ValueError, match='multiple'):
+    vit.vit_config('S', patch_size=16, image_size=100)

@@ -1,0 +1,160 @@
+"""Epps-Pulley and SIGReg against float64 references, closed forms, and under sharding."""
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from lejepa_jax import sigreg
+
+
+def numpy_epps_pulley(x, t_max=3.0, num_points=17):
+  """float64 transcription of the reference algorithm: value (M,) and d value / dx (N, M)."""
+  x = np.asarray(x, np.float64)
+  n = x.shape[0]
+  t = np.linspace(0.0, t_max, num_points)
+  dt = t_max / (num_points - 1)
+  w = np.full(num_points, 2 * dt)
+  w[0] = w[-1] = dt
+  phi = np.exp(-t**2 / 2)
+  w = w * phi
+  xt = x[:, :, None] * t                             # (N, M, T)
+  c = np.cos(xt).mean(0) - phi                        # (M, T)
+  s = np.sin(xt).mean(0)
+  value = n * ((c**2 + s**2) * w).sum(-1)
+  # d/dx_n: sum_k 2 w_k t_k [S_k cos(t_k x_n) - (C_k - phi_k) sin(t_k x_n)]
+  grad = (2 * w * t * (s[None] * np.cos(xt) - c[None] * np.sin(xt))).sum(-1)
+  return value, grad
+
+
+def closed_form_epps_pulley(x):
+  """N * integral over R of |ECF(t) - exp(-t^2/2)|^2 exp(-t^2/2) dt, quadrature-free (float64)."""
+  x = np.asarray(x, np.float64)
+  n = len(x)
+  diff = x[:, None] - x[None, :]
+  integral = (np.sqrt(2 * np.pi) * np.exp(-diff**2 / 2).sum() / n**2
+              - 2 * np.sqrt(np.pi) * np.exp(-x**2 / 4).sum() / n
+              + np.sqrt(2 * np.pi / 3))
+  return n * integral
+
+
+def test_value_and_gradient_match_float64_reference():
+  x = np.random.default_rng(0).normal(size=(300, 7)) * np.array([1, 2, 0.5, 1, 1, 3, 1]) + 0.3
+  ref_value, ref_grad = numpy_epps_pulley(x)
+  value = sigreg.epps_pulley(jnp.asarray(x, jnp.float32))
+  grad = jax.grad(lambda y: sigreg.epps_pulley(y).sum())(jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(value, ref_value, rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(grad, ref_grad, rtol=2e-4, atol=1e-6)
+
+
+def test_leading_batch_dims_and_other_grids():
+  x = np.random.default_rng(1).standard_t(df=4, size=(3, 128, 5))
+  value = sigreg.epps_pulley(jnp.asarray(x, jnp.float32), t_max=5.0, num_points=33)
+  chex.assert_shape(value, (3, 5))
+  for i in range(3):
+    np.testing.assert_allclose(value[i], numpy_epps_pulley(x[i], 5.0, 33)[0], rtol=2e-5)
+
+
+@pytest.mark.parametrize('shift,scale', [(0.0, 1.0), (0.4, 1.0), (0.0, 1.6)])
+def test_large_t_max_matches_closed_form_integral(shift, scale):
+  x = np.random.default_rng(2).normal(size=256) * scale + shift
+  value = sigreg.epps_pulley(jnp.asarray(x[:, None], jnp.float32), t_max=12.0, num_points=2001)
+  np.testing.assert_allclose(value[0], closed_form_epps_pulley(x), rtol=1e-4)
+
+
+def test_null_mean_equals_exact_expectation():
+  # For x ~ N(0,1): E|ECF(t) - phi(t)|^2 = (1 - phi(t)^2) / N, so E[statistic] = sum_k w_k (1 - phi_k^2)
+  # exactly for every N; on the [0, 3] grid with 17 knots that is about 1.05.
+  knots, weights, phi = (np.asarray(a, np.float64) for a in sigreg.quadrature(3.0, 17))
+  expected = float((weights * (1 - phi**2)).sum())
+  assert abs(expected - 1.05) < 0.01
+  x = jax.random.normal(jax.random.key(0), (512, 4000))
+  stats = np.asarray(sigreg.epps_pulley(x))
+  stderr = stats.std() / np.sqrt(stats.size)
+  assert abs(stats.mean() - expected) < 4 * stderr, (stats.mean(), expected, stderr)
+  # The infinite-range limit is sqrt(2 pi) - sqrt(2 pi / 3) = 1.0594.
+  _, w_wide, phi_wide = (np.asarray(a, np.float64) for a in sigreg.quadrature(12.0, 2001))
+  np.testing.assert_allclose((w_wide * (1 - phi_wide**2)).sum(),
+                             np.sqrt(2 * np.pi) - np.sqrt(2 * np.pi / 3), rtol=1e-6)
+
+
+@pytest.mark.parametrize('name,sample', [
+    ('uniform', lambda k, s: jax.random.uniform(k, s, minval=-np.sqrt(3), maxval=np.sqrt(3))),
+    ('shifted', lambda k, s: jax.random.normal(k, s) + 0.5),
+    ('scaled', lambda k, s: 2.0 * jax.random.normal(k, s)),
+])
+def test_alternatives_give_large_statistics(name, sample):
+  n, columns = 1024, 200
+  null = np.asarray(sigreg.epps_pulley(jax.random.normal(jax.random.key(1), (n, columns))))
+  alt = np.asarray(sigreg.epps_pulley(sample(jax.random.key(2), (n, columns))))
+  # Not standardised per slice: mean and scale errors must show.
+  assert np.median(alt) > np.quantile(null, 0.99), (name, np.median(alt), np.quantile(null, 0.99))
+  # The statistic carries the factor N: under an alternative it grows linearly with N.
+  half = np.asarray(sigreg.epps_pulley(sample(jax.random.key(3), (n // 2, columns))))
+  assert 1.5 < alt.mean() / half.mean() < 2.5, (name, alt.mean() / half.mean())
+
+
+def _mesh(n=4):
+  return jax.make_mesh((n,), ('data',), devices=jax.devices()[:n])
+
+
+def test_epps_pulley_sharded_equals_full_batch_value_and_gradient():
+  x = jax.random.normal(jax.random.key(3), (256, 16)) * 1.3 + 0.2
+  mesh = _mesh(4)
+  sharded = jax.shard_map(functools.partial(sigreg.epps_pulley, axis_name='data'), mesh=mesh,
+                          in_specs=P('data'), out_specs=P())
+  weights = jnp.linspace(0.5, 1.5, 16)
+  np.testing.assert_allclose(jax.jit(sharded)(x), sigreg.epps_pulley(x), rtol=1e-5)
+  g_sharded = jax.jit(jax.grad(lambda y: (sharded(y) * weights).sum()))(x)
+  g_full = jax.grad(lambda y: (sigreg.epps_pulley(y) * weights).sum())(x)
+  np.testing.assert_allclose(g_sharded, g_full, rtol=1e-5, atol=1e-7)
+
+
+def test_sigreg_sharded_equals_full_batch_value_and_gradient():
+  z = jax.random.normal(jax.random.key(4), (3, 128, 32)) @ jnp.diag(jnp.linspace(0.3, 2, 32))
+  key = jax.random.fold_in(jax.random.key(5), 17)
+  mesh = _mesh(4)
+  loss = lambda zz, axis=None: sigreg.sigreg(zz, key, num_slices=64, axis_name=axis)
+  sharded = jax.shard_map(functools.partial(loss, axis='data'), mesh=mesh,
+                          in_specs=P(None, 'data'), out_specs=P())
+  np.testing.assert_allclose(jax.jit(sharded)(z), loss(z), rtol=1e-5)
+  np.testing.assert_allclose(jax.jit(jax.grad(sharded))(z), jax.grad(loss)(z), rtol=1e-5, atol=1e-7)
+  # The pitfall this guards against: a statistic on each local batch only.
+  local_only = np.mean([loss(z[:, i * 32:(i + 1) * 32]) for i in range(4)])
+  assert abs(local_only - float(loss(z))) > 1e-3
+
+
+def test_slices_identical_on_devices_and_fresh_each_step():
+  base = jax.random.key(6)
+  mesh = _mesh(4)
+
+  def per_device(_, step):
+    slices = sigreg.random_slices(jax.random.fold_in(base, step), 16, 8)
+    return jax.lax.all_gather(slices, 'data')
+
+  gathered = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P('data'), None),
+                                   out_specs=P(), check_vma=False))(jnp.zeros(4), 3)
+  for i in range(1, 4):
+    np.testing.assert_array_equal(gathered[i], gathered[0])
+  np.testing.assert_allclose(np.linalg.norm(gathered[0], axis=0), 1.0, rtol=1e-6)
+  other = sigreg.random_slices(jax.random.fold_in(base, 4), 16, 8)
+  assert np.abs(np.asarray(other) - np.asarray(gathered[0])).max() > 0.1
+
+
+def test_bfloat16_input_is_close_to_float32():
+  z = jax.random.normal(jax.random.key(7), (256, 64))
+  key = jax.random.key(8)
+  f32 = sigreg.sigreg(z, key, num_slices=128)
+  bf16 = sigreg.sigreg(z.astype(jnp.bfloat16), key, num_slices=128)
+  assert bf16.dtype == jnp.float32
+  np.testing.assert_allclose(bf16, f32, rtol=1e-2)
+
+
+def test_bad_arguments_raise():
+  with pytest.raises(ValueError, match='num_points'):
+    sigreg.epps_pulley(jnp.zeros((4, 2)), num_points=1)
+  with pytest.raises(ValueError, match='shape'):
+    sigreg.epps_pulley(jnp.zeros((4,)))
