@@ -100,7 +100,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, config):
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   model_grads = {k: v for k, v in grads.items() if k != 'probe'}
-  aux['grad_norm'] = optax.global_norm(model_grads)
+  aux["grad_norm"] = optax.tree.norm(model_grads)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state)
   return new_state, {f'train/{k}': v for k, v in aux.items()}

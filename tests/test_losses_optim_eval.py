@@ -72,9 +72,10 @@ def test_knn_matches_brute_force_numpy():
 def test_linear_probe_learns_a_linear_rule_and_picks_lr_on_holdout():
   rng = np.random.default_rng(1)
   w = rng.normal(size=(20, 3))
+  w -= w.mean(0)          # argmax(x @ w) then survives the probe's LayerNorm (mean and scale)
   x = rng.normal(size=(3000, 20))
   y = np.argmax(x @ w, -1)
   out = linear_probe.evaluate(x[:2000], y[:2000], x[2000:], y[2000:], 3, lrs=(1e-5, 1e-2),
                               epochs=20, batch_size=256)
   assert out['linear_probe_lr'] == 1e-2
-  assert out['linear_probe_top1'] > 0.93
+  assert out['linear_probe_top1'] > 0.95

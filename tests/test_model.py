@@ -61,14 +61,22 @@ def test_position_embeddings_resize_for_local_grids():
   np.testing.assert_allclose(small[0, :, 0], [2.5, 4.5, 10.5, 12.5])
 
 
-@pytest.mark.parametrize('variant,params_m', [('Ti', 5.7), ('S', 22.0), ('B', 86.6), ('L', 304.4),
-                                              ('H', 632.0), ('g', 1843.0)])
-def test_variant_parameter_counts(variant, params_m):
+def _closed_form_count(width, depth, mlp, patch, size, channels=3):
+  block = 4 * width * width + 4 * width + 2 * width * mlp + mlp + width + 4 * width
+  embed = patch * patch * channels * width + width + (size // patch) ** 2 * width + width
+  return embed + depth * block + 2 * width
+
+
+@pytest.mark.parametrize('variant,published_m', [('Ti', 5.5), ('S', 21.7), ('B', 85.8),
+                                                 ('L', 303.3), ('H', 630.8), ('g', 1843)])
+def test_variant_parameter_counts(variant, published_m):
   patch = 14 if variant in ('H', 'g') else 16
   cfg = vit.vit_config(variant, patch_size=patch, image_size=224)
   shapes = jax.eval_shape(vit.ViT(cfg).init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
-  count = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)) / 1e6
-  assert abs(count - params_m) / params_m < 0.01, (variant, count)
+  count = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes))
+  assert count == _closed_form_count(cfg.width, cfg.depth, cfg.mlp_dim, patch, 224)
+  # published backbone sizes (no classifier head); 'g' is the paper's 1.8B model
+  assert abs(count / 1e6 - published_m) / published_m < 0.01, (variant, count)
 
 
 def test_projector_matches_numpy_with_batch_statistics():

@@ -98,7 +98,12 @@ def test_alternatives_give_large_statistics(name, sample):
 
 
 def _mesh(n=4):
-  return jax.make_mesh((n,), ('data',), devices=jax.devices()[:n])
+  return jax.make_mesh((n,), ('data',), devices=jax.devices()[:n],
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+
+
+def _put(x, mesh, spec):
+  return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
 
 
 def test_epps_pulley_sharded_equals_full_batch_value_and_gradient():
@@ -107,8 +112,9 @@ def test_epps_pulley_sharded_equals_full_batch_value_and_gradient():
   sharded = jax.shard_map(functools.partial(sigreg.epps_pulley, axis_name='data'), mesh=mesh,
                           in_specs=P('data'), out_specs=P())
   weights = jnp.linspace(0.5, 1.5, 16)
-  np.testing.assert_allclose(jax.jit(sharded)(x), sigreg.epps_pulley(x), rtol=1e-5)
-  g_sharded = jax.jit(jax.grad(lambda y: (sharded(y) * weights).sum()))(x)
+  xs = _put(x, mesh, P('data'))
+  np.testing.assert_allclose(jax.jit(sharded)(xs), sigreg.epps_pulley(x), rtol=1e-5)
+  g_sharded = jax.jit(jax.grad(lambda y: (sharded(y) * weights).sum()))(xs)
   g_full = jax.grad(lambda y: (sigreg.epps_pulley(y) * weights).sum())(x)
   np.testing.assert_allclose(g_sharded, g_full, rtol=1e-5, atol=1e-7)
 
@@ -120,8 +126,9 @@ def test_sigreg_sharded_equals_full_batch_value_and_gradient():
   loss = lambda zz, axis=None: sigreg.sigreg(zz, key, num_slices=64, axis_name=axis)
   sharded = jax.shard_map(functools.partial(loss, axis='data'), mesh=mesh,
                           in_specs=P(None, 'data'), out_specs=P())
-  np.testing.assert_allclose(jax.jit(sharded)(z), loss(z), rtol=1e-5)
-  np.testing.assert_allclose(jax.jit(jax.grad(sharded))(z), jax.grad(loss)(z), rtol=1e-5, atol=1e-7)
+  zs = _put(z, mesh, P(None, 'data'))
+  np.testing.assert_allclose(jax.jit(sharded)(zs), loss(z), rtol=1e-5)
+  np.testing.assert_allclose(jax.jit(jax.grad(sharded))(zs), jax.grad(loss)(z), rtol=1e-5, atol=1e-7)
   # The pitfall this guards against: a statistic on each local batch only.
   local_only = np.mean([loss(z[:, i * 32:(i + 1) * 32]) for i in range(4)])
   assert abs(local_only - float(loss(z))) > 1e-3
@@ -136,7 +143,7 @@ def test_slices_identical_on_devices_and_fresh_each_step():
     return jax.lax.all_gather(slices, 'data')
 
   gathered = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P('data'), None),
-                                   out_specs=P(), check_vma=False))(jnp.zeros(4), 3)
+                                   out_specs=P(), check_vma=False))(_put(jnp.zeros(4), mesh, P('data')), 3)
   for i in range(1, 4):
     np.testing.assert_array_equal(gathered[i], gathered[0])
   np.testing.assert_allclose(np.linalg.norm(gathered[0], axis=0), 1.0, rtol=1e-6)

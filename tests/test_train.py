@@ -7,6 +7,7 @@ import shutil
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -32,9 +33,9 @@ def _batch(c, seed=0):
           'label': rng.integers(0, 10, c.batch_size).astype(np.int32)}
 
 
-def _run_steps(c, mesh, batch, n):
+def _run_steps(c, mesh, batch, n, tx=None):
   model = models.build_model(c)
-  tx = optim.make_optimizer(c, 100)
+  tx = tx or optim.make_optimizer(c, 100)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.DEFAULT_RULES):
     state, shardings = train.create_train_state(c, model, tx, mesh)
     step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, config=c),
@@ -62,14 +63,16 @@ def test_sharded_step_equals_single_device_step():
   batch = _batch(c, seed=1)
   one = sharding_lib.make_mesh({'data': 1}, devices=jax.devices()[:1])
   eight = sharding_lib.make_mesh({'data': 4, 'fsdp': 2})
-  state1, h1 = _run_steps(c, one, batch, 2)
-  state8, h8 = _run_steps(c, eight, batch, 2)
+  # Plain SGD, so that parameters compare gradients (Adam's first step is sign(g),
+  # which turns float rounding of near-zero gradients into lr-sized differences).
+  state1, h1 = _run_steps(c, one, batch, 2, tx=optax.sgd(0.5))
+  state8, h8 = _run_steps(c, eight, batch, 2, tx=optax.sgd(0.5))
   for k in ('train/loss', 'train/inv', 'train/sigreg', 'train/probe_loss'):
     np.testing.assert_allclose(h8[-1][k], h1[-1][k], rtol=2e-4, err_msg=k)
   flat1 = jax.tree.leaves(jax.device_get(state1.params))
   flat8 = jax.tree.leaves(jax.device_get(state8.params))
   for a, b in zip(flat1, flat8):
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_mesh_shape_resolution_and_errors():
