@@ -12,11 +12,12 @@ def get_config(arg=None):
     raise ValueError(f"configs/fmnist.py takes no argument or 'runlocal', got {arg!r}")
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.batch_size = 256
-  c.total_steps = 1500
-  c.lamb = 0.05
+  c.batch_size = 64                 # measured: per-image cost is flat in batch size here,
+                                    # so smaller batches buy more updates in 20 minutes
+  c.total_steps = 3200
+  c.lamb = 0.1                      # 0.1 beat 0.05 on this budget (README, tuning notes)
   c.loss_convention = 'convex'    # (1 - lamb) * inv + lamb * sigreg, as the paper
-  c.log_every = 25
+  c.log_every = 100
   c.checkpoint_every = 500
   c.mesh = {'data': -1, 'fsdp': 1, 'tensor': 1}
 
@@ -38,8 +39,9 @@ def get_config(arg=None):
   c.data.num_local_views = 4
   c.data.global_size = 28
   c.data.local_size = 14
-  c.data.global_scale = (0.3, 1.0)
-  c.data.local_scale = (0.05, 0.3)
+  # Milder than the ImageNet recipe (0.3-1 / 0.05-0.3): a 5% crop of a 28 px image is 6x6 px.
+  c.data.global_scale = (0.4, 1.0)
+  c.data.local_scale = (0.15, 0.5)
   c.data.num_threads = 2
   c.data.prefetch = 4
   c.data.num_workers = 0
@@ -52,9 +54,9 @@ def get_config(arg=None):
   a.saturation = 0.2              # no effect on grayscale images
   a.hue = 0.1                     # no effect on grayscale images
   a.grayscale_prob = 0.2          # no effect on grayscale images
-  a.blur_prob = 0.5
+  a.blur_prob = 0.2
   a.blur_sigma = (0.1, 1.0)       # pixels of the output crop (28 px, not 224 px)
-  a.solarize_prob = 0.2
+  a.solarize_prob = 0.0           # inverting bright pixels only hurt on Fashion-MNIST
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = 'mu'
@@ -66,13 +68,13 @@ def get_config(arg=None):
   c.model.num_registers = 0
   c.model.dtype = 'float32'       # these CPUs have no fast bfloat16
   c.model.remat = 'none'
-  c.model.scan = True
+  c.model.scan = False            # an unrolled loop is 30% faster on a CPU at this depth
   c.model.projector_hidden = (512, 512)
   c.model.projector_out = 64
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 2e-3
-  c.optim.warmup_steps = 100
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 200
   c.optim.weight_decay = 0.05
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
@@ -83,7 +85,7 @@ def get_config(arg=None):
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 1000
   c.eval.max_examples = 0         # 0: the full splits
-  c.eval.probe_lrs = (1e-3, 3e-3, 1e-2)
+  c.eval.probe_lrs = (1e-2, 3e-2, 1e-1)
   c.eval.probe_epochs = 30
   c.eval.probe_batch_size = 1024
   c.eval.probe_weight_decay = 1e-6
@@ -92,6 +94,7 @@ def get_config(arg=None):
 
   if runlocal:
     c.batch_size = 32
+    c.model.scan = True             # keep the scanned path under test
     c.total_steps = 20
     c.log_every = 5
     c.checkpoint_every = 10

@@ -45,8 +45,20 @@ def _maybe_initialize_distributed() -> None:
   jax.distributed.initialize(**kwargs)
 
 
+class _QuietLibraries:
+  """Drops INFO chatter of checkpointing/data libraries from the console; warnings pass."""
+  PREFIXES = ('orbax', 'grain', 'tensorstore', 'etils')
+
+  def filter(self, record) -> bool:
+    if record.levelno >= 30:
+      return True
+    return not any(f'/{p}/' in record.pathname or f'/{p}_' in record.pathname
+                   for p in self.PREFIXES)
+
+
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if _CPU_DEVICES.value:
     jax.config.update('jax_num_cpu_devices', _CPU_DEVICES.value)
   if _COORDINATOR.value:

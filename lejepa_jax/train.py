@@ -40,6 +40,23 @@ class TrainState:
   rng: jax.Array          # base key; per-step keys are fold_in(rng, step)
 
 
+def validate(config) -> None:
+  """Fails early, naming the key, on values that would only fail (or mislead) later."""
+  problems = []
+  if config.loss_convention not in losses.CONVENTIONS:
+    problems.append(f'loss_convention={config.loss_convention!r}: one of {losses.CONVENTIONS}')
+  if config.loss_convention == 'convex' and not 0.0 <= config.lamb <= 1.0:
+    problems.append(f'lamb={config.lamb}: must lie in [0, 1] with the convex convention')
+  if config.sigreg.num_slices < 1 or config.sigreg.num_points < 2 or config.sigreg.t_max <= 0:
+    problems.append('sigreg: num_slices >= 1, num_points >= 2 and t_max > 0 are required')
+  if config.data.num_global_views < 1:
+    problems.append('data.num_global_views must be >= 1 (the invariance centre)')
+  if config.checkpoint_every < 1 or config.log_every < 1:
+    problems.append('checkpoint_every and log_every must be >= 1')
+  if problems:
+    raise ValueError('bad config: ' + '; '.join(problems))
+
+
 def total_steps(config, train_size: int) -> int:
   if config.get('total_steps'):
     return int(config.total_steps)
@@ -151,6 +168,7 @@ def _head(source, n):
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Pretrains (resuming from workdir's latest checkpoint), then evaluates. Returns eval metrics."""
+  validate(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding_lib.make_mesh(config.get('mesh'))
   dp = sharding_lib.data_parallel_size(mesh)
@@ -188,14 +206,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                       donate_argnums=0)
     progress = metrics_lib.Progress(steps, config.batch_size, start)
     schedule = optim.schedule(config.optim.lr, steps, config.optim.warmup_steps)
-    pending = None
     for step in range(start + 1, steps + 1):
       batch = sharding_lib.to_global_batch(next(data_iter), mesh)
       state, step_metrics = step_fn(state, batch)
       if step % config.log_every == 0 or step == steps:
-        pending = jax.device_get(step_metrics)
         speed = progress.update(step)
-        scalars = {**pending, 'train/lr': float(schedule(step - 1)),
+        scalars = {**jax.device_get(step_metrics), 'train/lr': float(schedule(step - 1)),
                    'train/images_per_sec': speed['images_per_sec']}
         if not np.isfinite(scalars['train/loss']):
           raise FloatingPointError(f'loss is {scalars["train/loss"]} at step {step}; '

@@ -119,3 +119,18 @@ def test_runlocal_trains_checkpoints_and_resumes_to_the_bit(tmp_path):
   again = _read_params(resumed, c.total_steps)
   for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(again)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_bad_config_fails_early_naming_the_key(tmp_path):
+  c = fmnist.get_config('runlocal')
+  c.lamb = 1.5
+  with pytest.raises(ValueError, match='lamb'):
+    train.train_and_evaluate(c, str(tmp_path))
+  c = fmnist.get_config('runlocal')
+  c.batch_size = 30           # not divisible by the 8 devices
+  with pytest.raises(ValueError, match='batch_size'):
+    train.train_and_evaluate(c, str(tmp_path))
+  c = fmnist.get_config('runlocal')
+  c.data.dir = str(tmp_path / 'missing')
+  with pytest.raises(FileNotFoundError, match='dataset-fashion-mnist'):
+    train.train_and_evaluate(c, str(tmp_path))
