@@ -20,6 +20,6 @@ setup(
         'pillow',
     ],
     extras_require={
-        'test': ['pytest>=8', 'chex>=0.1.90', 'scipy>=1.11'],
+        'test': ['pytest>=8', 'chex>=0.1.90', 'scipy>=1.11', 'portpicker'],
     },
 )

@@ -15,7 +15,8 @@ def get_config(arg=None):
   c.batch_size = 64                 # measured: per-image cost is flat in batch size here,
                                     # so smaller batches buy more updates in 20 minutes
   c.total_steps = 1500
-  c.lamb = 0.1                      # 0.1 beat 0.05 on this budget (README, tuning notes)
+  c.lamb = 0.1                      # 0.2 was worse; 0.05 -> 0.1 was tried together with the
+                                    # milder crops below (+0.4 points jointly; README tuning notes)
   c.loss_convention = 'convex'    # (1 - lamb) * inv + lamb * sigreg, as the paper
   c.log_every = 100
   c.checkpoint_every = 500
@@ -56,7 +57,7 @@ def get_config(arg=None):
   a.grayscale_prob = 0.2          # no effect on grayscale images
   a.blur_prob = 0.2
   a.blur_sigma = (0.1, 1.0)       # pixels of the output crop (28 px, not 224 px)
-  a.solarize_prob = 0.0           # inverting bright pixels only hurt on Fashion-MNIST
+  a.solarize_prob = 0.0           # off as part of the milder set (not measured on its own)
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = 'mu'
@@ -70,7 +71,7 @@ def get_config(arg=None):
   c.model.num_registers = 0
   c.model.dtype = 'float32'       # these CPUs have no fast bfloat16
   c.model.remat = 'none'
-  c.model.scan = False            # an unrolled loop is 30% faster on a CPU at this depth
+  c.model.scan = False            # unrolled was 2.7 s vs 3.5 s per step scanned (depth 6, CPU)
   c.model.projector_hidden = (512, 512)
   c.model.projector_out = 64
 

@@ -80,10 +80,22 @@ def test_multicrop_shapes_and_ranges():
     assert views.dtype == np.float32 and views.min() >= lo - 1e-5 and views.max() <= hi + 1e-5
 
 
-def test_rgb_multicrop_runs_colour_ops():
-  c = _data_config(channels=3, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-  out = pipeline.multi_crop(c)(_source(channels=3)[1], np.random.default_rng(0))
-  assert out['global'].shape == (2, 16, 16, 3)
+def test_color_jitter_matches_closed_forms():
+  x = np.random.default_rng(4).random((6, 6, 3)).astype(np.float32)
+  luma = x @ np.array([0.299, 0.587, 0.114], np.float32)
+  # Only one op active at a time (the others draw factor 1 or hue 0), recomputed in NumPy
+  # from the same draw: brightness x*f, contrast around the mean luma, saturation around luma.
+  for name, ref in [('brightness', lambda f: x * f),
+                    ('contrast', lambda f: (x - luma.mean()) * f + luma.mean()),
+                    ('saturation', lambda f: (x - luma[..., None]) * f + luma[..., None])]:
+    spec = augment.AugmentSpec(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
+    spec = augment.AugmentSpec(**{**spec.__dict__, name: 0.4})
+    f = np.random.default_rng(7).uniform([1 - spec.brightness, 1 - spec.contrast,
+                                          1 - spec.saturation, 0], [1 + spec.brightness,
+                                          1 + spec.contrast, 1 + spec.saturation, 0])
+    f = f[['brightness', 'contrast', 'saturation'].index(name)]
+    out = augment.color_jitter(np.random.default_rng(7), x.copy(), spec)
+    np.testing.assert_allclose(out, np.clip(ref(f), 0, 1), atol=1e-5, err_msg=name)
 
 
 def _take(ds, n):
