@@ -68,17 +68,27 @@ def random_slices(key: jax.Array, dim: int, num_slices: int) -> jax.Array:
   return directions / jnp.linalg.norm(directions, axis=0, keepdims=True)
 
 
-def sigreg(z: jax.Array, key: jax.Array, *, num_slices: int = 1024,
-           t_max: float = 3.0, num_points: int = 17, axis_name=None) -> jax.Array:
-  """Sliced Epps-Pulley of embeddings z, shape (..., N, D) -> scalar.
+def sliced(test, z: jax.Array, key: jax.Array, *, num_slices: int = 1024,
+           axis_name=None, **test_kwargs) -> jax.Array:
+  """Any univariate test made multivariate: mean of `test` over random 1-D projections.
 
-  The same slices, drawn from `key`, serve every leading index (e.g. every
-  view); the result is the mean over leading indices and slices. Pass the same
-  key on every device (e.g. `jax.random.fold_in(base_key, step)`).
+  `test(x, *, axis_name=None, **test_kwargs)` maps (..., N, M) -> (..., M), e.g.
+  `epps_pulley` or a test from `lejepa_jax.stats.univariate`. z has shape (..., N, D);
+  the same slices, drawn from `key`, serve every leading index (e.g. every view); the
+  result is the mean over leading indices and slices. Pass the same key on every device
+  (e.g. `jax.random.fold_in(base_key, step)`).
   """
   if z.ndim < 2:
-    raise ValueError(f'sigreg expects (..., N, D), got shape {z.shape}')
+    raise ValueError(f'expected embeddings of shape (..., N, D), got shape {z.shape}')
   slices = random_slices(key, z.shape[-1], num_slices)
   projected = z.astype(jnp.float32) @ slices
-  return jnp.mean(epps_pulley(projected, t_max=t_max, num_points=num_points,
-                              axis_name=axis_name))
+  return jnp.mean(test(projected, axis_name=axis_name, **test_kwargs))
+
+
+def sigreg(z: jax.Array, key: jax.Array, *, num_slices: int = 1024,
+           t_max: float = 3.0, num_points: int = 17, axis_name=None) -> jax.Array:
+  """Sliced Epps-Pulley of embeddings z, shape (..., N, D) -> scalar (see `sliced`)."""
+  if z.ndim < 2:
+    raise ValueError(f'sigreg expects (..., N, D), got shape {z.shape}')
+  return sliced(epps_pulley, z, key, num_slices=num_slices, axis_name=axis_name,
+                t_max=t_max, num_points=num_points)
