@@ -15,26 +15,60 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
-def quadrature(t_max: float = 3.0, num_points: int = 17):
-  """Knots t_k on [0, t_max] and weights for the integral over the real line.
+QUADRATURES = ('trapezoid', 'simpson', 'trapezoid_symmetric', 'gauss_hermite')
+_RUN = 17   # knots reached by complex multiplication from one exactly computed anchor
 
-  |ECF(t) - CF(t)|^2 is even in t, so integrating on [0, t_max] with doubled
-  trapezoid weights covers [-t_max, t_max]. The weights include the window
-  phi(t) = exp(-t^2/2), which is also the target characteristic function.
-  Returns (knots, weights, phi), each of shape (num_points,), float32.
+
+def quadrature(t_max: float = 3.0, num_points: int = 17, rule: str = 'trapezoid'):
+  """Knots t_k >= 0 and weights for the integral over the real line, as float64 numpy.
+
+  |ECF(t) - CF(t)|^2 is even in t, so every rule evaluates t >= 0 only and folds
+  the weights of -t onto t. The weights include the window phi(t) = exp(-t^2/2),
+  which is also the target characteristic function. Rules:
+    'trapezoid': num_points knots on [0, t_max], doubled (the reference code's default);
+    'simpson': the same knots, Simpson's rule (num_points odd);
+    'trapezoid_symmetric': trapezoid on num_points knots on [-t_max, t_max] (the
+      paper's Algorithm 1, e.g. t_max=5, num_points=17), folded onto t >= 0;
+    'gauss_hermite': num_points-node Gauss-Hermite rule for the weight exp(-t^2/2)
+      on the whole line (t_max unused).
+  Returns (knots, weights, phi), each of shape (K,).
   """
+  if rule not in QUADRATURES:
+    raise ValueError(f'sigreg quadrature must be one of {QUADRATURES}, got {rule!r}')
   if num_points < 2:
     raise ValueError(f'sigreg.num_points must be >= 2, got {num_points}')
-  if t_max <= 0:
+  if t_max <= 0 and rule != 'gauss_hermite':
     raise ValueError(f'sigreg.t_max must be > 0, got {t_max}')
-  knots = jnp.linspace(0.0, t_max, num_points, dtype=jnp.float32)
-  dt = t_max / (num_points - 1)
-  trapezoid = jnp.full((num_points,), 2.0 * dt, jnp.float32)
-  trapezoid = trapezoid.at[0].set(dt).at[-1].set(dt)
-  phi = jnp.exp(-0.5 * knots**2)
-  return knots, trapezoid * phi, phi
+  if rule == 'gauss_hermite':
+    # int f(t) exp(-t^2/2) dt = sqrt(2) int f(sqrt(2) u) exp(-u^2) du.
+    u, h = np.polynomial.hermite.hermgauss(num_points)
+    knots, weights = np.sqrt(2.0) * u, np.sqrt(2.0) * h
+    keep = knots >= -1e-12
+    knots = np.abs(knots[keep])
+    weights = np.where(knots > 1e-12, 2.0, 1.0) * weights[keep]
+    return knots, weights, np.exp(-0.5 * knots**2)
+  if rule == 'trapezoid_symmetric':
+    full = np.linspace(-t_max, t_max, num_points)
+    dt = full[1] - full[0]
+    knots = full[full >= -1e-12 * t_max]
+    weights = np.where(knots > 1e-12 * t_max, 2.0 * dt, dt)   # +-t pairs; t = 0 once
+    weights[-1] = dt                                         # the two end points, halved
+  else:
+    knots = np.linspace(0.0, t_max, num_points)
+    dt = t_max / (num_points - 1)
+    if rule == 'trapezoid':
+      weights = np.full(num_points, 2.0 * dt)
+      weights[[0, -1]] = dt
+    else:
+      if num_points % 2 == 0:
+        raise ValueError(f'simpson quadrature needs an odd num_points, got {num_points}')
+      weights = np.where(np.arange(num_points) % 2 == 1, 4.0, 2.0) * dt / 3.0 * 2.0
+      weights[[0, -1]] = dt / 3.0 * 2.0
+  phi = np.exp(-0.5 * knots**2)
+  return knots, weights * phi, phi
 
 
 def _global_count(n_local: int, axis_name) -> jax.Array | int:
@@ -43,23 +77,177 @@ def _global_count(n_local: int, axis_name) -> jax.Array | int:
   return n_local * jax.lax.psum(1, axis_name)
 
 
+def _runs(knots: np.ndarray):
+  """Equally spaced knots as runs that one exact anchor reaches by multiplication.
+
+  Returns (anchors, step): run r covers knots anchors[r] + j * step, j < _RUN (the
+  last run padded past the final knot; callers drop the padding). None when the
+  knots are not equally spaced (Gauss-Hermite): they are then computed directly.
+  """
+  spacing = np.diff(knots)
+  if len(knots) < 3 or not np.allclose(spacing, spacing[0], rtol=1e-9, atol=0):
+    return None
+  return knots[0] + spacing[0] * np.arange(0, len(knots), _RUN), float(spacing[0])
+
+
+def _cis(t, x):
+  """(cos(t x), sin(t x)); exact constants for a Python t = 0, so XLA folds them."""
+  if isinstance(t, float) and t == 0.0:
+    return jnp.ones_like(x), jnp.zeros_like(x)
+  return jnp.cos(t * x), jnp.sin(t * x)
+
+
+def _sum_rows(terms, axis):
+  """Sums of many same-shaped arrays over `axis`, as ONE variadic reduction: XLA
+  fuses the producers of all terms into it, so none of them is materialised."""
+  return jax.lax.reduce(tuple(terms), (np.float32(0),) * len(terms),
+                        lambda a, b: tuple(u + v for u, v in zip(a, b)), (axis,))
+
+
+def _row_block(n: int) -> int:
+  """The divisor of n closest to sqrt(n) from below."""
+  block = int(np.sqrt(n))
+  while n % block:
+    block -= 1
+  return block
+
+
+def _ecf_sums(x, knots):
+  """Sums over the sample axis of cos(t_k x) and sin(t_k x): two (..., M, K) arrays.
+
+  Neither an (..., N, M, K) array nor a transcendental per knot: within a run,
+  exp(i t_{j+1} x) = exp(i t_j x) exp(i step x).
+  """
+  # Sum in two levels (rows within blocks, then blocks) so the float32 rounding
+  # error grows like sqrt(N), not N.
+  n = x.shape[-2]
+  block = _row_block(n)
+  x = x.reshape(x.shape[:-2] + (n // block, block, x.shape[-1]))
+  axis = x.ndim - 3
+
+  def sums(pairs):
+    out = _sum_rows([a for pair in pairs for a in pair], axis)
+    return (jnp.stack([o.sum(-2) for o in out[0::2]], -1),
+            jnp.stack([o.sum(-2) for o in out[1::2]], -1))
+
+  runs = _runs(knots)
+  if runs is None:
+    return sums([_cis(float(t), x) for t in knots])
+  anchors, step = runs
+  c1, s1 = _cis(step, x)
+
+  def run(anchor):
+    c, s = _cis(anchor, x)
+    pairs = [(c, s)]
+    for _ in range(_RUN - 1):
+      c, s = c * c1 - s * s1, c * s1 + s * c1
+      pairs.append((c, s))
+    return sums(pairs)
+
+  if len(anchors) == 1:
+    cos_sum, sin_sum = run(float(anchors[0]))
+  else:   # many knots: one compiled run, mapped over the anchors
+    cos_sum, sin_sum = jax.lax.map(run, jnp.asarray(anchors, jnp.float32))
+    cos_sum, sin_sum = (jnp.moveaxis(a, 0, -2).reshape(a.shape[1:-1] + (-1,))
+                        for a in (cos_sum, sin_sum))
+  k = len(knots)
+  return cos_sum[..., :k], sin_sum[..., :k]
+
+
+def _ecf_vjp(x, knots, coef_cos, coef_sin):
+  """sum_k coef_cos[k] cos(t_k x) + coef_sin[k] sin(t_k x), elementwise, shape of x.
+
+  coef_*: (..., M, K). Within a run this is the real part of a polynomial in
+  z = exp(i step x) with coefficients a_j = coef_cos - i coef_sin, evaluated by
+  Horner's rule: one fused elementwise pass, no transcendental per knot.
+  """
+  runs = _runs(knots)
+  if runs is None:
+    total = jnp.zeros_like(x)
+    for k, t in enumerate(knots):
+      c, s = _cis(float(t), x)
+      total = total + coef_cos[..., None, :, k] * c + coef_sin[..., None, :, k] * s
+    return total
+  anchors, step = runs
+  c1, s1 = _cis(step, x)
+  pad = len(anchors) * _RUN - len(knots)
+  widths = [(0, 0)] * (coef_cos.ndim - 1) + [(0, pad)]
+  a_re, a_im = jnp.pad(coef_cos, widths), -jnp.pad(coef_sin, widths)
+
+  def run(anchor, a_re, a_im):          # a_*: (..., M, _RUN)
+    p_re, p_im = a_re[..., None, :, -1], a_im[..., None, :, -1]
+    for j in range(_RUN - 2, -1, -1):
+      p_re, p_im = (p_re * c1 - p_im * s1 + a_re[..., None, :, j],
+                    p_re * s1 + p_im * c1 + a_im[..., None, :, j])
+    c0, s0 = _cis(anchor, x)
+    return p_re * c0 - p_im * s0
+
+  if len(anchors) == 1:
+    return run(float(anchors[0]), a_re, a_im)
+  split = lambda a: jnp.moveaxis(a.reshape(a.shape[:-1] + (len(anchors), _RUN)), -2, 0)
+  total, _ = jax.lax.scan(lambda acc, r: (acc + run(*r), None), jnp.zeros_like(x),
+                          (jnp.asarray(anchors, jnp.float32), split(a_re), split(a_im)))
+  return total
+
+
 def epps_pulley(x: jax.Array, *, t_max: float = 3.0, num_points: int = 17,
-                axis_name=None) -> jax.Array:
+                quadrature_rule: str = 'trapezoid', axis_name=None,
+                implementation: str = 'fast') -> jax.Array:
   """Epps-Pulley statistic of each column of x, shape (..., N, M) -> (..., M).
 
-  statistic_m = N * sum_k w_k |ECF_m(t_k) - exp(-t_k^2/2)|^2, with N the
-  global sample count. Computed in float32 whatever the input dtype.
+  statistic_m = N * sum_k w_k |ECF_m(t_k) - exp(-t_k^2/2)|^2, with N the global
+  sample count (see `quadrature` for the knots t_k and weights w_k). Computed in
+  float32 whatever the input dtype.
+
+  implementation='fast' (default): exp(i t_k x) as powers of one complex exponential
+  and a hand-written VJP (the gradient is a polynomial in exp(i dt x), evaluated by
+  Horner's rule), so neither pass keeps an (N, M, K) array. 'autodiff': a complex
+  exponential at every knot, differentiated by JAX (the reference algorithm; kept as
+  a second implementation for tests and benchmarks).
   """
   if x.ndim < 2:
     raise ValueError(f'epps_pulley expects (..., N, M), got shape {x.shape}')
+  if implementation not in ('fast', 'autodiff'):
+    raise ValueError(f"implementation must be 'fast' or 'autodiff', got {implementation!r}")
+  knots, weights, phi = quadrature(t_max, num_points, quadrature_rule)
   x = x.astype(jnp.float32)
-  knots, weights, phi = quadrature(t_max, num_points)
-  # ECF(t) = mean_n exp(i t x_n); complex64 carries cos and sin together.
-  ecf = jnp.mean(jnp.exp(1j * (x[..., None] * knots)), axis=-3)  # (..., M, T)
-  if axis_name is not None:
-    ecf = jax.lax.pmean(ecf, axis_name)
-  err = jnp.abs(ecf - phi) ** 2
-  return _global_count(x.shape[-2], axis_name) * (err @ weights)
+  if implementation == 'autodiff':
+    t = jnp.asarray(knots, jnp.float32)
+    ecf = jnp.mean(jnp.exp(1j * (x[..., None] * t)), axis=-3)     # (..., M, K)
+    if axis_name is not None:
+      ecf = jax.lax.pmean(ecf, axis_name)
+    err = jnp.abs(ecf - jnp.asarray(phi, jnp.float32)) ** 2
+    return _global_count(x.shape[-2], axis_name) * (err @ jnp.asarray(weights, jnp.float32))
+  return _fast_epps_pulley(x, knots, weights, phi, axis_name)
+
+
+def _fast_epps_pulley(x, knots, weights, phi, axis_name):
+  # Constants stay numpy here: custom_vjp rules must not close over traced values.
+  w = np.float32(weights)
+  scale_per_knot = np.float32(2.0 * weights * knots)
+
+  def forward(x):
+    cos_sum, sin_sum = _ecf_sums(x, knots)
+    ecf_re, ecf_im = cos_sum / x.shape[-2], sin_sum / x.shape[-2]
+    if axis_name is not None:      # the ECF is a mean over samples: average it over devices
+      ecf_re, ecf_im = jax.lax.pmean((ecf_re, ecf_im), axis_name)
+    dev_re = ecf_re - np.float32(phi)
+    value = _global_count(x.shape[-2], axis_name) * ((dev_re**2 + ecf_im**2) @ w)
+    return value, (x, dev_re, ecf_im)
+
+  @jax.custom_vjp
+  def statistic(x):
+    return forward(x)[0]
+
+  def backward(residuals, g):
+    x, dev_re, ecf_im = residuals
+    # d statistic / d x_n = sum_k 2 w_k t_k [Im ECF_k cos(t_k x_n) - (Re ECF_k - phi_k) sin(t_k x_n)];
+    # the global N cancels against the 1/N of the ECF mean.
+    scale = scale_per_knot * g[..., None]
+    return (_ecf_vjp(x, knots, scale * ecf_im, -scale * dev_re),)
+
+  statistic.defvjp(forward, backward)
+  return statistic(x)
 
 
 def random_slices(key: jax.Array, dim: int, num_slices: int) -> jax.Array:
@@ -86,9 +274,11 @@ def sliced(test, z: jax.Array, key: jax.Array, *, num_slices: int = 1024,
 
 
 def sigreg(z: jax.Array, key: jax.Array, *, num_slices: int = 1024,
-           t_max: float = 3.0, num_points: int = 17, axis_name=None) -> jax.Array:
+           t_max: float = 3.0, num_points: int = 17, axis_name=None,
+           quadrature_rule: str = 'trapezoid', implementation: str = 'fast') -> jax.Array:
   """Sliced Epps-Pulley of embeddings z, shape (..., N, D) -> scalar (see `sliced`)."""
   if z.ndim < 2:
     raise ValueError(f'sigreg expects (..., N, D), got shape {z.shape}')
   return sliced(epps_pulley, z, key, num_slices=num_slices, axis_name=axis_name,
-                t_max=t_max, num_points=num_points)
+                t_max=t_max, num_points=num_points, quadrature_rule=quadrature_rule,
+                implementation=implementation)
