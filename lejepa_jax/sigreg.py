@@ -104,53 +104,45 @@ def _sum_rows(terms, axis):
                         lambda a, b: tuple(u + v for u, v in zip(a, b)), (axis,))
 
 
-def _row_block(n: int) -> int:
-  """The divisor of n closest to sqrt(n) from below."""
-  block = int(np.sqrt(n))
-  while n % block:
-    block -= 1
-  return block
-
-
-def _ecf_sums(x, knots):
-  """Sums over the sample axis of cos(t_k x) and sin(t_k x): two (..., M, K) arrays.
+def _ecf_deviation_sums(x, knots, target):
+  """Sums over the sample axis of cos(t_k x) - target_k and sin(t_k x): (..., M, K) each.
 
   Neither an (..., N, M, K) array nor a transcendental per knot: within a run,
-  exp(i t_{j+1} x) = exp(i t_j x) exp(i step x).
+  exp(i t_{j+1} x) = exp(i t_j x) exp(i step x). Summing deviations from the
+  target CF keeps the float32 partial sums small (~sqrt(N) near the target, not N),
+  so rounding error stays at the level of a pairwise sum.
   """
-  # Sum in two levels (rows within blocks, then blocks) so the float32 rounding
-  # error grows like sqrt(N), not N.
-  n = x.shape[-2]
-  block = _row_block(n)
-  x = x.reshape(x.shape[:-2] + (n // block, block, x.shape[-1]))
-  axis = x.ndim - 3
+  axis = x.ndim - 2
 
-  def sums(pairs):
-    out = _sum_rows([a for pair in pairs for a in pair], axis)
-    return (jnp.stack([o.sum(-2) for o in out[0::2]], -1),
-            jnp.stack([o.sum(-2) for o in out[1::2]], -1))
+  def sums(pairs, targets):
+    out = _sum_rows([a for (c, s), t in zip(pairs, targets) for a in (c - t, s)], axis)
+    return jnp.stack(out[0::2], -1), jnp.stack(out[1::2], -1)
 
   runs = _runs(knots)
   if runs is None:
-    return sums([_cis(float(t), x) for t in knots])
+    return sums([_cis(float(t), x) for t in knots], np.float32(target))
   anchors, step = runs
   c1, s1 = _cis(step, x)
 
-  def run(anchor):
+  def run(anchor, targets):
     c, s = _cis(anchor, x)
     pairs = [(c, s)]
     for _ in range(_RUN - 1):
       c, s = c * c1 - s * s1, c * s1 + s * c1
       pairs.append((c, s))
-    return sums(pairs)
+    return sums(pairs, [targets[j] for j in range(_RUN)])
 
+  k = len(knots)
+  targets = np.zeros(len(anchors) * _RUN, np.float32)
+  targets[:k] = target
+  targets = targets.reshape(len(anchors), _RUN)
   if len(anchors) == 1:
-    cos_sum, sin_sum = run(float(anchors[0]))
+    cos_sum, sin_sum = run(float(anchors[0]), targets[0])
   else:   # many knots: one compiled run, mapped over the anchors
-    cos_sum, sin_sum = jax.lax.map(run, jnp.asarray(anchors, jnp.float32))
+    cos_sum, sin_sum = jax.lax.map(lambda r: run(*r), (jnp.asarray(anchors, jnp.float32),
+                                                        jnp.asarray(targets)))
     cos_sum, sin_sum = (jnp.moveaxis(a, 0, -2).reshape(a.shape[1:-1] + (-1,))
                         for a in (cos_sum, sin_sum))
-  k = len(knots)
   return cos_sum[..., :k], sin_sum[..., :k]
 
 
@@ -227,11 +219,10 @@ def _fast_epps_pulley(x, knots, weights, phi, axis_name):
   scale_per_knot = np.float32(2.0 * weights * knots)
 
   def forward(x):
-    cos_sum, sin_sum = _ecf_sums(x, knots)
-    ecf_re, ecf_im = cos_sum / x.shape[-2], sin_sum / x.shape[-2]
+    cos_sum, sin_sum = _ecf_deviation_sums(x, knots, phi)
+    dev_re, ecf_im = cos_sum / x.shape[-2], sin_sum / x.shape[-2]
     if axis_name is not None:      # the ECF is a mean over samples: average it over devices
-      ecf_re, ecf_im = jax.lax.pmean((ecf_re, ecf_im), axis_name)
-    dev_re = ecf_re - np.float32(phi)
+      dev_re, ecf_im = jax.lax.pmean((dev_re, ecf_im), axis_name)
     value = _global_count(x.shape[-2], axis_name) * ((dev_re**2 + ecf_im**2) @ w)
     return value, (x, dev_re, ecf_im)
 
