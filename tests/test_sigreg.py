@@ -108,7 +108,7 @@ def _put(x, mesh, spec):
 
 def test_epps_pulley_sharded_equals_full_batch_value_and_gradient():
   x = jax.random.normal(jax.random.key(3), (256, 16)) * 1.3 + 0.2
-  mesh = _mesh(4)
+  mesh = _mesh(8)
   sharded = jax.shard_map(functools.partial(sigreg.epps_pulley, axis_name='data'), mesh=mesh,
                           in_specs=P('data'), out_specs=P())
   weights = jnp.linspace(0.5, 1.5, 16)
@@ -122,7 +122,7 @@ def test_epps_pulley_sharded_equals_full_batch_value_and_gradient():
 def test_sigreg_sharded_equals_full_batch_value_and_gradient():
   z = jax.random.normal(jax.random.key(4), (3, 128, 32)) @ jnp.diag(jnp.linspace(0.3, 2, 32))
   key = jax.random.fold_in(jax.random.key(5), 17)
-  mesh = _mesh(4)
+  mesh = _mesh(8)
   loss = lambda zz, axis=None: sigreg.sigreg(zz, key, num_slices=64, axis_name=axis)
   sharded = jax.shard_map(functools.partial(loss, axis='data'), mesh=mesh,
                           in_specs=P(None, 'data'), out_specs=P())
@@ -130,7 +130,7 @@ def test_sigreg_sharded_equals_full_batch_value_and_gradient():
   np.testing.assert_allclose(jax.jit(sharded)(zs), loss(z), rtol=1e-5)
   np.testing.assert_allclose(jax.jit(jax.grad(sharded))(zs), jax.grad(loss)(z), rtol=1e-5, atol=1e-7)
   # The pitfall this guards against: a statistic on each local batch only.
-  local_only = np.mean([loss(z[:, i * 32:(i + 1) * 32]) for i in range(4)])
+  local_only = np.mean([loss(z[:, i * 16:(i + 1) * 16]) for i in range(8)])
   assert abs(local_only - float(loss(z))) > 1e-3
 
 
@@ -160,8 +160,70 @@ def test_bfloat16_input_is_close_to_float32():
   np.testing.assert_allclose(bf16, f32, rtol=1e-2)
 
 
+@pytest.mark.parametrize('rule,t_max,num_points', [
+    ('trapezoid', 3.0, 17), ('trapezoid', 4.0, 40), ('simpson', 3.0, 33),
+    ('trapezoid_symmetric', 5.0, 17), ('trapezoid_symmetric', 5.0, 16), ('gauss_hermite', 0.0, 20)])
+def test_fast_path_equals_autodiff_and_float64_for_every_rule(rule, t_max, num_points):
+  # Several runs of knots (40, 33 knots), a half-offset grid (16 symmetric knots) and
+  # unequal Gauss-Hermite knots all go through the recurrence / Horner code paths.
+  x = np.random.default_rng(9).normal(size=(2, 200, 6)) * 1.2 + 0.1
+  xj = jnp.asarray(x, jnp.float32)
+  kwargs = dict(t_max=t_max, num_points=num_points, quadrature_rule=rule)
+  fast = lambda y: sigreg.epps_pulley(y, **kwargs)
+  slow = lambda y: sigreg.epps_pulley(y, implementation='autodiff', **kwargs)
+  cot = jnp.linspace(0.5, 1.5, 6)
+  np.testing.assert_allclose(fast(xj), slow(xj), rtol=1e-5)
+  g_fast = jax.grad(lambda y: (fast(y) * cot).sum())(xj)
+  g_slow = jax.grad(lambda y: (slow(y) * cot).sum())(xj)
+  np.testing.assert_allclose(g_fast, g_slow, rtol=1e-4, atol=1e-5 * np.abs(g_slow).max())
+  # float64 reference: the folded rule on t >= 0 equals the rule on the whole grid.
+  knots, weights, _ = sigreg.quadrature(t_max, num_points, rule)
+  ecf = np.exp(1j * x[..., None] * knots).mean(-3)
+  ref = 200 * (np.abs(ecf - np.exp(-knots**2 / 2))**2 * weights).sum(-1)
+  np.testing.assert_allclose(fast(xj), ref, rtol=1e-5)
+
+
+def test_quadrature_rules_against_their_definitions():
+  f = lambda t: np.cos(0.7 * t)**2 * np.exp(-t**2 / 2)      # an even test integrand
+  exact = np.sqrt(np.pi) / 2 * (1 + np.exp(-0.49))           # int over R of f(t) exp(-t^2/2)
+  # Symmetric trapezoid (paper's Algorithm 1) == numpy's trapezoid on [-t_max, t_max].
+  for n in (17, 16):
+    full = np.linspace(-5, 5, n)
+    knots, weights, _ = sigreg.quadrature(5.0, n, 'trapezoid_symmetric')
+    np.testing.assert_allclose((f(knots) * weights).sum(),
+                               np.trapezoid(f(full) * np.exp(-full**2 / 2), full), rtol=1e-12)
+  knots, weights, _ = sigreg.quadrature(3.0, 17, 'trapezoid')
+  grid = np.linspace(-3, 3, 33)
+  np.testing.assert_allclose((f(knots) * weights).sum(),
+                             np.trapezoid(f(grid) * np.exp(-grid**2 / 2), grid), rtol=1e-12)
+  knots, weights, _ = sigreg.quadrature(8.0, 33, 'simpson')
+  np.testing.assert_allclose((f(knots) * weights).sum(), exact, rtol=1e-6)
+  knots, weights, _ = sigreg.quadrature(0.0, 30, 'gauss_hermite')
+  np.testing.assert_allclose((f(knots) * weights).sum(), exact, rtol=1e-10)
+
+
+def test_gauss_hermite_matches_closed_form_integral():
+  x = np.random.default_rng(10).normal(size=128) * 1.3 + 0.3
+  value = sigreg.epps_pulley(jnp.asarray(x[:, None], jnp.float32), num_points=60,
+                             quadrature_rule='gauss_hermite')
+  np.testing.assert_allclose(value[0], closed_form_epps_pulley(x), rtol=1e-4)
+
+
 def test_bad_arguments_raise():
   with pytest.raises(ValueError, match='num_points'):
     sigreg.epps_pulley(jnp.zeros((4, 2)), num_points=1)
   with pytest.raises(ValueError, match='shape'):
     sigreg.epps_pulley(jnp.zeros((4,)))
+  with pytest.raises(ValueError, match='odd'):
+    sigreg.quadrature(3.0, 16, 'simpson')
+  with pytest.raises(ValueError, match='quadrature'):
+    sigreg.quadrature(3.0, 17, 'midpoint')
+
+
+def test_value_and_gradient_keep_no_samples_by_slices_by_knots_array():
+  n, dim, slices, knots = 4096, 64, 256, 17
+  fn = jax.jit(jax.value_and_grad(
+      lambda z, key: sigreg.sigreg(z, key, num_slices=slices, num_points=knots)))
+  compiled = fn.lower(jax.ShapeDtypeStruct((n, dim), jnp.float32), jax.random.key(0)).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp <= 4 * n * slices * 4, temp                 # an (N, M, T) array alone is 17x that
