@@ -29,6 +29,20 @@ TESTS = {
 SIMPLE = [name for name in TESTS if name != 'shapiro_francia_composite']
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted(name):
+  return jax.jit(TESTS[name])
+
+
+@functools.lru_cache(maxsize=None)
+def _weighted_value_and_grad(name, axis_name=None, mesh=None):
+  """x, w -> ((sum_m w_m stat_m, stats), d / dx): one compile per test, shared by tests."""
+  test = functools.partial(TESTS[name], axis_name=axis_name)
+  if mesh is not None:
+    test = jax.shard_map(test, mesh=mesh, in_specs=P(axis_name), out_specs=P())
+  return jax.jit(jax.grad(lambda x, w: ((test(x) * w).sum(), test(x)), has_aux=True))
+
+
 # ---------------------------------------------------------------- float64 references
 
 def _sorted(x):
@@ -85,7 +99,8 @@ def ref_order_statistics_nll(x):
   s = _sorted(x)
   n = len(s)
   i = np.arange(1, n + 1)[:, None]
-  log_comb = scipy.special.gammaln(n + 1) - scipy.special.gammaln(i) - scipy.special.gammaln(n - i + 1)
+  gammaln = scipy.special.gammaln
+  log_comb = gammaln(n + 1) - gammaln(i) - gammaln(n - i + 1)
   nll = -(log_comb + (i - 1) * scipy.special.log_ndtr(s) + (n - i) * scipy.special.log_ndtr(-s)
           + scipy.stats.norm.logpdf(s))
   # E[-log f_(i)(X_(i))] = h(X_(i)) = h(Beta(i, N+1-i)) + E[X_(i)^2]/2 + log(2 pi)/2.
@@ -147,7 +162,8 @@ def test_matches_float64_reference_with_leading_dims(name):
   value = _jitted(name)(jnp.asarray(x, jnp.float32))
   assert value.shape == (2, 1, 6) and value.dtype == jnp.float32
   for b in range(2):
-    np.testing.assert_allclose(value[b, 0], REFERENCES[name](x[b, 0]), rtol=1e-4, atol=1e-3)
+    # atol: N times the float32 rounding of a mean of logs (vasicek_entropy).
+    np.testing.assert_allclose(value[b, 0], REFERENCES[name](x[b, 0]), rtol=1e-4, atol=1e-4)
 
 
 def test_extended_jarque_bera_decomposes_into_vcreg_plus_classical_jarque_bera():
@@ -155,7 +171,8 @@ def test_extended_jarque_bera_decomposes_into_vcreg_plus_classical_jarque_bera()
   y = jnp.asarray(x, jnp.float32)
   jb = uv.extended_jarque_bera(y) - uv.vcreg(y)
   # atol: the difference of two float32 statistics of a few hundred.
-  np.testing.assert_allclose(jb, scipy.stats.jarque_bera(x, axis=0).statistic, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(jb, scipy.stats.jarque_bera(x, axis=0).statistic,
+                             rtol=1e-4, atol=1e-4)
 
 
 def test_composite_shapiro_francia_is_close_to_shapiro_wilk_and_invariant():
@@ -181,11 +198,6 @@ POWER_N, POWER_COLUMNS = 1024, 400
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(name):
-  return jax.jit(TESTS[name])
-
-
-@functools.lru_cache(maxsize=None)
 def _critical_value(name):
   null = np.random.default_rng(10).normal(size=(POWER_N, POWER_COLUMNS))
   return np.quantile(np.asarray(_jitted(name)(jnp.asarray(null, jnp.float32))), 0.95)
@@ -194,7 +206,8 @@ def _critical_value(name):
 def _power(name, alternative):
   rng = np.random.default_rng(11 + list(ALTERNATIVES).index(alternative))
   x = ALTERNATIVES[alternative](rng, (POWER_N, POWER_COLUMNS))
-  return float(np.mean(np.asarray(_jitted(name)(jnp.asarray(x, jnp.float32))) > _critical_value(name)))
+  stats = np.asarray(_jitted(name)(jnp.asarray(x, jnp.float32)))
+  return float(np.mean(stats > _critical_value(name)))
 
 
 @pytest.mark.parametrize('alternative', list(ALTERNATIVES))
@@ -213,15 +226,19 @@ def test_composite_shapiro_francia_sees_shape_but_not_mean_or_scale():
 
 
 # Null mean at N = 256 against N = 2048. shapiro_francia's null mean is the summed
-# variance of the order statistics, which grows like log log N (measured +18%).
-STABILITY_RTOL = {'shapiro_francia': 0.25, 'shapiro_francia_composite': 0.3}
-CENTRED = ('vasicek_entropy', 'order_statistics_nll')   # null mean 0: see the centring test
+# variance of the order statistics, which grows like log log N (measured +18%, +25%).
+# vasicek_entropy_x's null mean drifts with N (documented; -1 at 256, -14 at 2048).
+STABILITY_RTOL = {'shapiro_francia': 0.25, 'shapiro_francia_composite': 0.35}
+CENTRED = ('vasicek_entropy', 'order_statistics_nll')   # null mean 0: tested below
+
+
+def _null_statistics(name, n, columns=1000):
+  return np.asarray(_jitted(name)(jax.random.normal(jax.random.key(n), (n, columns))))
 
 
 @pytest.mark.parametrize('name', [n for n in TESTS if n not in CENTRED + ('vasicek_entropy_x',)])
 def test_null_mean_is_stable_across_n(name):
-  means = [float(np.mean(np.asarray(_jitted(name)(jax.random.normal(jax.random.key(n), (n, 1000))))))
-           for n in (256, 2048)]
+  means = [float(np.mean(_null_statistics(name, n))) for n in (256, 2048)]
   np.testing.assert_allclose(means[0], means[1], rtol=STABILITY_RTOL.get(name, 0.15), err_msg=name)
 
 
@@ -233,7 +250,7 @@ def test_centred_tests_null_mean_is_zero_and_spread():
   for name in CENTRED:
     spreads[name] = []
     for n in (256, 2048):
-      stats = np.asarray(_jitted(name)(jax.random.normal(jax.random.key(n), (n, 1000))))
+      stats = _null_statistics(name, n)
       stderr = stats.std() / np.sqrt(stats.size)
       assert abs(stats.mean()) < 4 * stderr, (name, n, stats.mean(), stderr)
       spreads[name].append(stats.std())
@@ -249,18 +266,12 @@ def _mesh():
 
 @pytest.mark.parametrize('name', list(TESTS))
 def test_sharded_equals_full_batch_value_and_gradient(name):
-  test = TESTS[name]
   x = jnp.asarray(_columns(np.random.default_rng(3), 256), jnp.float32)
   mesh = _mesh()
-  sharded = jax.shard_map(functools.partial(test, axis_name='data'), mesh=mesh,
-                          in_specs=P('data'), out_specs=P())
   weights = jnp.linspace(0.5, 1.5, x.shape[-1])
-
-  def loss(f):   # (weighted sum, per-column statistics) and d sum / dx, in one compile
-    return jax.jit(jax.grad(lambda y: ((f(y) * weights).sum(), f(y)), has_aux=True))
-
-  g_sharded, v_sharded = loss(sharded)(jax.device_put(x, jax.sharding.NamedSharding(mesh, P('data'))))
-  g_full, v_full = loss(test)(x)
+  xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, P('data')))
+  g_sharded, v_sharded = _weighted_value_and_grad(name, 'data', mesh)(xs, weights)
+  g_full, v_full = _weighted_value_and_grad(name)(x, weights)
   np.testing.assert_allclose(v_sharded, v_full, rtol=1e-5, atol=1e-5 * np.abs(v_full).max())
   np.testing.assert_allclose(g_sharded, g_full, rtol=1e-5, atol=1e-6 * np.abs(g_full).max())
 
@@ -279,31 +290,41 @@ def test_sharded_is_not_the_mean_of_local_statistics():
 
 @pytest.mark.parametrize('name', list(TESTS))
 def test_bfloat16_input_is_close_to_float32(name):
-  x = jnp.asarray(_columns(np.random.default_rng(5), 512), jnp.float32)
-  f32 = _jitted(name)(x)
+  # Non-normal shapes with light tails: rounding the input to bf16 (8 bits) moves a
+  # statistic near its null value, or one ruled by the largest |x|^8 (moments of
+  # heavy tails), by about 1% whatever the arithmetic.
+  rng = np.random.default_rng(5)
+  n = 512
+  x = jnp.asarray(np.stack([
+      rng.exponential(size=n), rng.uniform(-2, 2, size=n), rng.laplace(size=n) + 0.5,
+      rng.choice([-2.0, 2.0], size=n) + 0.5 * rng.normal(size=n), rng.uniform(0, 3, size=n),
+      2 * rng.beta(0.5, 0.5, size=n) - 1], -1), jnp.float32)
   bf16 = _jitted(name)(x.astype(jnp.bfloat16))
   assert bf16.dtype == jnp.float32
-  np.testing.assert_allclose(bf16, f32, rtol=1e-2)
+  # The arithmetic is float32: the same as on the rounded values given as float32.
+  rounded = _jitted(name)(x.astype(jnp.bfloat16).astype(jnp.float32))
+  np.testing.assert_allclose(bf16, rounded, rtol=1e-5)
+  np.testing.assert_allclose(bf16, _jitted(name)(x), rtol=1e-2)
 
 
 @pytest.mark.parametrize('name', list(TESTS))
 def test_gradient_is_finite_with_ties_and_outliers(name):
-  x = np.random.default_rng(6).normal(size=(128, 3))
+  x = _columns(np.random.default_rng(6), 256)
   x[:10, 0] = 0.25                      # ties: zero spacings
   x[0, 1], x[1, 1] = 40.0, -60.0        # far outliers: Phi(x) is 0 or 1 in float32
   x[:, 2] = 1.0                         # a collapsed column
-  value, grad = jax.jit(jax.value_and_grad(lambda y: TESTS[name](y).sum()))(jnp.asarray(x, jnp.float32))
-  assert np.isfinite(value) and np.all(np.isfinite(grad)), (value, grad)
+  grad, value = _weighted_value_and_grad(name)(jnp.asarray(x, jnp.float32), jnp.ones(6))
+  assert np.all(np.isfinite(value)) and np.all(np.isfinite(grad)), (value, grad)
 
 
 @pytest.mark.parametrize('name', list(TESTS))
 def test_directional_derivative_matches_float64_finite_difference(name):
   rng = np.random.default_rng(7)
-  x = _columns(rng, 128)
+  x = _columns(rng, 256)
   v = rng.normal(size=x.shape)
   h = 1e-5
   numeric = (REFERENCES[name](x + h * v).sum() - REFERENCES[name](x - h * v).sum()) / (2 * h)
-  grad = jax.jit(jax.grad(lambda y: TESTS[name](y).sum()))(jnp.asarray(x, jnp.float32))
+  grad, _ = _weighted_value_and_grad(name)(jnp.asarray(x, jnp.float32), jnp.ones(6))
   np.testing.assert_allclose(np.vdot(np.asarray(grad, np.float64), v), numeric, rtol=1e-3)
 
 
@@ -326,3 +347,5 @@ def test_bad_arguments_raise():
     uv.vasicek_entropy(jnp.zeros((8, 2)), domain='y')
   with pytest.raises(ValueError, match='k_max'):
     uv.moments(jnp.zeros((8, 2)), k_max=0)
+  with pytest.raises(ValueError, match='N >= 2'):
+    uv.vcreg(jnp.zeros((1, 2)))

@@ -124,8 +124,9 @@ def _cvm_terms(s):
 def cramer_von_mises(x: jax.Array, *, axis_name=None) -> jax.Array:
   """Cramer-von Mises W^2 = 1/(12N) + sum_i (Phi(x_(i)) - (2i-1)/(2N))^2 (scipy's).
 
-  N times the mean squared distance between the fitted and the ideal CDF values, so
-  E[W^2] = 1/6 under the null for every N (a plain mean of squares shrinks like 1/N).
+  N times the mean squared gap between Phi(x_(i)) and the plotting positions, so
+  E[W^2] = 1/6 under the null for every N (the reference code's plain mean of
+  squares shrinks like 1/N).
   """
   x = _as_columns(x, 'cramer_von_mises')
   return _on_sorted_columns(lambda s: _cvm_terms(s)[0], x, axis_name)
@@ -134,10 +135,11 @@ def cramer_von_mises(x: jax.Array, *, axis_name=None) -> jax.Array:
 def watson(x: jax.Array, *, axis_name=None) -> jax.Array:
   """Watson U^2 = W^2 - N (mean_i Phi(x_i) - 1/2)^2.
 
-  The subtracted term is W^2's component along a constant shift of the CDF values,
-  on W^2's scale (the factor N); without it the correction would vanish as N grows.
-  U^2 is blind to a rotation of Phi(x) on the circle, not to a shift of x: N(mu, 1)
-  still bends Phi(x) away from uniform and is rejected.
+  The subtracted term is W^2's component along a constant offset of the CDF values,
+  on W^2's scale (the factor N; the reference code subtracts the unscaled square
+  from a mean of squares). E[U^2] = 1/12 under the null. U^2 is blind to a rotation
+  of Phi(x) on the circle, not to a shift of x: N(mu, 1) still bends Phi(x) away
+  from uniform and is rejected.
   """
   x = _as_columns(x, 'watson')
 
@@ -163,7 +165,8 @@ def shapiro_francia(x: jax.Array, *, composite: bool = False, axis_name=None) ->
 
   composite=False (default; the N(0, 1) test): N * mean_i (x_(i) - m_i)^2, the L2
   distance between sample and N(0, 1) quantiles (de Wet and Venter). It sees shape,
-  mean and scale errors.
+  mean and scale errors. Its null mean, mostly the summed variance of the order
+  statistics, creeps up like log log N (2.8 at N = 256, 3.4 at N = 2048).
   composite=True: the classical Shapiro-Francia test of "x is normal with SOME mean
   and variance", N * (1 - W') with W' the squared Pearson correlation of x_(i) and
   m_i. W' is unchanged by x -> a x + b, so it cannot see a wrong mean or scale
@@ -263,8 +266,9 @@ def vasicek_entropy(x: jax.Array, *, m: int | None = None, domain: str = 'cdf',
 
 
 def order_statistics_nll(x: jax.Array, *, axis_name=None) -> jax.Array:
-  """Mean over i of -log f_(i)(x_(i)), f_(i) the density of the i-th of N N(0, 1) order statistics, centred.
+  """mean_i -log f_(i)(x_(i)) minus its null expectation.
 
+  f_(i) is the density of the i-th smallest of N draws from N(0, 1):
   -log f_(i)(x) = -[log N!/((i-1)!(N-i)!) + (i-1) log Phi(x) + (N-i) log Phi(-x) + log phi(x)].
   Its null expectation is cheap and exact: with U_(i) ~ Beta(i, N+1-i),
   E[-log f_(i)(X_(i))] = h(Beta(i, N+1-i)) + E[X_(i)^2]/2 + log(2 pi)/2, and the
@@ -326,10 +330,12 @@ def _central_moments(x, axis_name, higher=True):
   Two passes (the global mean first, then centred power means) rather than raw power
   sums: raw sums lose the variance to cancellation in float32 when |mean| >> std.
   """
+  n = _global_count(x.shape[-2], axis_name)
+  if n < 2:
+    raise ValueError(f'the variance needs N >= 2 samples, got N={n}')
   mean = _global_mean(x, axis_name)
   c = x - jnp.expand_dims(mean, -2)
   c2 = c * c
-  n = _global_count(x.shape[-2], axis_name)
   if not higher:
     m2 = _global_mean(c2, axis_name)
     return n, mean, m2 * (n / (n - 1)), m2
