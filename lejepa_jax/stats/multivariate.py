@@ -30,9 +30,9 @@ Null distributions (x ~ N(0, I)): BHEP's statistic is bounded. The MGF-based one
 (henze_visagie, bhep_m, comb) contain exp(|x_j|^2 / gamma)-sized terms whose mean is
 finite only for gamma (beta) > 2; below that the statistic drifts upward with N,
 dominated by the largest |x_j| (the reference's defaults HV gamma=1, COMB gamma=0.1),
-hence the parameter checks. Their terms are about exp(D / gamma): float32 overflows past
-D of roughly 80 gamma, and heavy-tailed data (or bf16 rounding of it) moves them a lot.
-They suit small D, e.g. applied to projections.
+hence the parameter checks. Their null means grow like (1 - 2/gamma)^(-D/2) and their
+terms like exp(D / gamma): float32 overflows past D of roughly 70 gamma, and heavy-tailed
+data (or bf16 rounding of it) moves them a lot. They suit small D (e.g. projections).
 
 Precision: each statistic is O(1) under the null but a difference of sums of size N.
 Kernels are centred per pair (see `_centred`), yet the float32 rounding of constants
@@ -209,7 +209,11 @@ def bhep_m(x: jax.Array, *, beta: float = 10.0, axis_name=None) -> jax.Array:
 
 
 def _trig_mgf_kernel(a_sq, b_sq, ab, gamma):
-  """int cos(<t, b>) exp(<t, a>) w_gamma(t) dt = exp((|a|^2 - |b|^2)/(4 gamma)) cos(<a, b>/(2 gamma))."""
+  """G(a, b) = int cos(<t, b>) exp(<t, a>) w_gamma(t) dt, from |a|^2, |b|^2 and <a, b>.
+
+  = Re E exp(<t, a + i b>) for t ~ N(0, I/(2 gamma))
+  = exp((|a|^2 - |b|^2) / (4 gamma)) cos(<a, b> / (2 gamma)).
+  """
   return jnp.exp((a_sq - b_sq) / (4 * gamma)) * jnp.cos(ab / (2 * gamma))
 
 
@@ -265,17 +269,18 @@ def comb(x: jax.Array, *, gamma: float = 5.0, axis_name=None,
   shifts = np.arange(n // 2 + 1)
   a_weights = np.where((shifts == 0) | (2 * shifts == n), 1.0, 2.0).astype(np.float32)
 
+  m = (first + np.arange(n_local)[:, None] + shifts) % n       # (n_local, S)
+  a = x[..., :, None, :] + jnp.take(x_all, m, axis=-2)          # (..., n_local, S, D)
+  cross_pairs = cross_local[..., :, None] + jnp.take(cross_rows, m, axis=-1)
+
   def row(args):
-    k, xk, cross_k = args                                     # (), (..., D), (...)
-    m = (k + shifts) % n
-    a = xk[..., None, :] + jnp.take(x_all, m, axis=-2)        # (..., S, D)
+    a, cross_pair = args                                      # (..., S, D), (..., S)
     a_sq = _sq_norm(a)
     quad = _weighted_sum(_trig_mgf_kernel(a_sq[..., :, None], b_sq[..., None, :], _gram(a, b), g),
                          b_weights)
     quad = quad + 0.5 * n * jnp.exp(a_sq / (4 * g))            # the b = 0 terms
-    centred = quad - n * (cross_k[..., None] + jnp.take(cross_rows, m, axis=-1)) + n * n
-    return _weighted_sum(centred, a_weights)
+    return _weighted_sum(quad - n * cross_pair + n * n, a_weights)
 
-  rows = (first + jnp.arange(n_local), jnp.moveaxis(x, -2, 0), jnp.moveaxis(cross_local, -1, 0))
+  rows = (jnp.moveaxis(a, -3, 0), jnp.moveaxis(cross_pairs, -2, 0))
   per_row = jax.lax.map(jax.checkpoint(row), rows, batch_size=batch_size)
   return _total(per_row.sum(0), axis_name) / n**3
