@@ -239,7 +239,7 @@ def comb(x: jax.Array, *, gamma: float = 5.0, axis_name=None,
   Blind spot: R M = 1 for every centred normal, so a pure covariance error (e.g. scale)
   is invisible at the population level; it shows only through the statistic's spread
   and does not grow with N. gamma > 2 keeps the null mean finite (the terms with
-  k = m = j carry exp(|x_j|^2 / gamma), as in `bhep_m`).
+  j = k = l = m carry exp(|x_j|^2 / gamma), as in `bhep_m`).
   """
   if not gamma > 2:
     raise ValueError(f'comb needs gamma > 2 (finite null mean), got {gamma}')
@@ -264,8 +264,9 @@ def comb(x: jax.Array, *, gamma: float = 5.0, axis_name=None,
   b_weights = np.concatenate([np.ones(2 * len(upper_j)), np.full(n, 0.5)]).astype(np.float32)
   b_sq = _sq_norm(b)
 
-  # The a = x_k + x_m, symmetric in (k, m): row k takes m = k + s (mod N), s <= N/2, so
-  # every unordered pair comes once per device set, balanced across rows and devices.
+  # The a = x_k + x_m, symmetric in (k, m): row k takes m = k + s (mod N), s <= N/2.
+  # Over all rows every unordered pair comes once (weight 2; s = 0 weight 1; for even N
+  # the pairs at s = N/2 twice, weight 1 each), and every row does the same work.
   shifts = np.arange(n // 2 + 1)
   a_weights = np.where((shifts == 0) | (2 * shifts == n), 1.0, 2.0).astype(np.float32)
 
