@@ -26,6 +26,9 @@ def get_config(arg=None):
   c.sigreg.num_slices = 256
   c.sigreg.t_max = 3.0
   c.sigreg.num_points = 17
+  c.sigreg.quadrature = 'trapezoid'   # or simpson, trapezoid_symmetric (paper Alg. 1), gauss_hermite
+  c.sigreg.statistic = 'epps_pulley'  # any name in lejepa_jax.stats.STATISTICS
+  c.sigreg.options = {}               # extra keyword arguments for the statistic
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'fashion_mnist'

@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lejepa_jax import sigreg as sigreg_lib
+from lejepa_jax import stats
 
 CONVENTIONS = ('convex', 'additive')
 
@@ -29,16 +29,18 @@ def combine(inv: jax.Array, sig: jax.Array, lamb: float, convention: str) -> jax
 
 
 def lejepa_loss(global_proj: jax.Array, all_proj: jax.Array, key: jax.Array, *,
-                lamb: float, convention: str = 'convex', num_slices: int = 1024,
-                t_max: float = 3.0, num_points: int = 17, axis_name=None):
+                lamb: float, convention: str = 'convex', statistic: str = 'epps_pulley',
+                num_slices: int = 1024, axis_name=None, **statistic_options):
   """Returns (loss, {'inv': ..., 'sigreg': ...}).
 
   SIGReg is averaged over views: each view's batch of projections is tested
-  against N(0, I) with the same slices (drawn from `key`).
+  against N(0, I) with the same slices (drawn from `key`). `statistic` picks the
+  normality test (default Epps-Pulley; see `lejepa_jax.stats`), `statistic_options`
+  go to it (e.g. t_max, num_points for Epps-Pulley).
   """
   inv = invariance(global_proj.astype(jnp.float32), all_proj.astype(jnp.float32))
   if axis_name is not None:
     inv = jax.lax.pmean(inv, axis_name)
-  sig = sigreg_lib.sigreg(all_proj, key, num_slices=num_slices, t_max=t_max,
-                          num_points=num_points, axis_name=axis_name)
+  sig = stats.regulariser(statistic, all_proj, key, num_slices=num_slices,
+                          axis_name=axis_name, **statistic_options)
   return combine(inv, sig, lamb, convention), {'inv': inv, 'sigreg': sig}

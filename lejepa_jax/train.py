@@ -24,6 +24,8 @@ from lejepa_jax import metrics as metrics_lib
 from lejepa_jax import models
 from lejepa_jax import optim
 from lejepa_jax import sharding as sharding_lib
+from lejepa_jax import sigreg
+from lejepa_jax import stats
 from lejepa_jax.data import pipeline
 from lejepa_jax.data import sources
 from lejepa_jax.evaluators import features as features_lib
@@ -49,12 +51,31 @@ def validate(config) -> None:
     problems.append(f'lamb={config.lamb}: must lie in [0, 1] with the convex convention')
   if config.sigreg.num_slices < 1 or config.sigreg.num_points < 2 or config.sigreg.t_max <= 0:
     problems.append('sigreg: num_slices >= 1, num_points >= 2 and t_max > 0 are required')
+  statistic = config.sigreg.get('statistic', 'epps_pulley')
+  if statistic not in stats.STATISTICS:
+    problems.append(f'sigreg.statistic={statistic!r}: one of {stats.STATISTICS}')
+  if config.sigreg.get('quadrature', 'trapezoid') not in sigreg.QUADRATURES:
+    problems.append(f'sigreg.quadrature={config.sigreg.quadrature!r}: one of {sigreg.QUADRATURES}')
   if config.data.num_global_views < 1:
     problems.append('data.num_global_views must be >= 1 (the invariance centre)')
   if config.checkpoint_every < 1 or config.log_every < 1:
     problems.append('checkpoint_every and log_every must be >= 1')
   if problems:
     raise ValueError('bad config: ' + '; '.join(problems))
+
+
+def regulariser_options(sigreg_config) -> dict:
+  """Keyword arguments of `losses.lejepa_loss` that choose and configure the statistic.
+
+  sigreg.statistic (default 'epps_pulley'); Epps-Pulley reads sigreg.t_max,
+  sigreg.num_points and sigreg.quadrature; sigreg.options (a dict) goes to any statistic.
+  """
+  statistic = sigreg_config.get('statistic', 'epps_pulley')
+  options = dict(sigreg_config.get('options', None) or {})
+  if statistic == 'epps_pulley':
+    options.update(t_max=sigreg_config.t_max, num_points=sigreg_config.num_points,
+                   quadrature_rule=sigreg_config.get('quadrature', 'trapezoid'))
+  return dict(statistic=statistic, num_slices=sigreg_config.num_slices, **options)
 
 
 def total_steps(config, train_size: int) -> int:
@@ -103,8 +124,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, config):
     proj = out['proj']
     loss, terms = losses.lejepa_loss(
         proj[:num_global], proj, key, lamb=config.lamb, convention=config.loss_convention,
-        num_slices=config.sigreg.num_slices, t_max=config.sigreg.t_max,
-        num_points=config.sigreg.num_points)
+        **regulariser_options(config.sigreg))
     logits = out['probe_logits']
     labels = jnp.broadcast_to(batch['label'], logits.shape[:-1])
     probe_loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()

@@ -10,7 +10,7 @@ from configs import fmnist, vitg
 from lejepa_jax import models, train
 
 REQUIRED = ('seed', 'batch_size', 'lamb', 'sigreg.num_slices', 'sigreg.t_max',
-            'sigreg.num_points', 'data.name', 'data.dir', 'model.variant', 'checkpoint_every')
+            'sigreg.num_points', 'sigreg.statistic', 'sigreg.quadrature', 'data.name', 'data.dir', 'model.variant', 'checkpoint_every')
 
 
 @pytest.mark.parametrize('module,arg', [(fmnist, None), (fmnist, 'runlocal'), (vitg, None),
@@ -23,6 +23,10 @@ def test_required_keys_and_validation(module, arg):
       node = node[part]
   assert c.get('total_steps') or c.get('epochs')
   train.validate(c)
+  bad = c.copy_and_resolve_references()
+  bad.sigreg.statistic = 'kolmogorov'
+  with pytest.raises(ValueError, match='sigreg.statistic'):
+    train.validate(bad)
 
 
 def test_vitg_is_the_paper_scale_model_and_steps_follow_epochs():

@@ -32,6 +32,32 @@ def test_loss_conventions(convention):
     losses.combine(inv, sig, 0.1, 'other')
 
 
+def test_configured_statistic_reaches_the_loss():
+  from lejepa_jax import stats, train
+  import ml_collections
+  proj = jax.random.normal(jax.random.key(2), (3, 64, 8)) * 1.5
+  key = jax.random.key(3)
+  config = ml_collections.ConfigDict(dict(num_slices=16, t_max=3.0, num_points=17,
+                                          quadrature='trapezoid', statistic='anderson_darling',
+                                          options={}))
+  _, terms = losses.lejepa_loss(proj[:2], proj, key, lamb=0.1, **train.regulariser_options(config))
+  slices = sigreg.random_slices(key, 8, 16)
+  expected = np.mean(stats.univariate.anderson_darling(proj @ slices))
+  np.testing.assert_allclose(terms['sigreg'], expected, rtol=1e-5)
+  config.statistic, config.options = 'bhep', {'beta': 0.5}
+  _, terms = losses.lejepa_loss(proj[:2], proj, key, lamb=0.1, **train.regulariser_options(config))
+  np.testing.assert_allclose(terms['sigreg'], np.mean(stats.multivariate.bhep(proj, beta=0.5)),
+                             rtol=1e-5)
+  config.statistic, config.options = 'epps_pulley', {}
+  config.quadrature = 'gauss_hermite'
+  _, terms = losses.lejepa_loss(proj[:2], proj, key, lamb=0.1, **train.regulariser_options(config))
+  np.testing.assert_allclose(
+      terms['sigreg'], sigreg.sigreg(proj, key, num_slices=16, quadrature_rule='gauss_hermite'),
+      rtol=1e-6)
+  with pytest.raises(ValueError, match='statistic'):
+    stats.regulariser('kolmogorov', proj, key)
+
+
 def test_schedule_warmup_then_cosine_to_lr_over_1000():
   s = optim.schedule(1e-3, total_steps=100, warmup_steps=10)
   np.testing.assert_allclose([s(0), s(5), s(10)], [0.0, 5e-4, 1e-3], rtol=1e-6)
