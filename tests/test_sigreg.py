@@ -227,3 +227,33 @@ def test_value_and_gradient_keep_no_samples_by_slices_by_knots_array():
   compiled = fn.lower(jax.ShapeDtypeStruct((n, dim), jnp.float32), jax.random.key(0)).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
   assert temp <= 4 * n * slices * 4, temp                 # an (N, M, T) array alone is 17x that
+
+
+ALTERNATIVES = {                                            # the six, numpy draws
+    'N(0.5,1)': lambda rng, s: rng.normal(size=s) + 0.5,
+    'N(0,4)': lambda rng, s: 2 * rng.normal(size=s),
+    'U(-2,2)': lambda rng, s: rng.uniform(-2, 2, size=s),
+    'Exp(1)': lambda rng, s: rng.exponential(size=s),
+    'N(-2,.25)+N(2,.25)': lambda rng, s: rng.choice([-2.0, 2.0], size=s) + 0.5 * rng.normal(size=s),
+    't3': lambda rng, s: rng.standard_t(3, size=s),
+}
+
+
+@pytest.mark.parametrize('rule,t_max,num_points', [
+    ('trapezoid', 3.0, 17), ('trapezoid_symmetric', 5.0, 17), ('gauss_hermite', 0.0, 16)])
+def test_power_at_n1024_and_null_stable_across_n(rule, t_max, num_points):
+  test = jax.jit(functools.partial(sigreg.epps_pulley, t_max=t_max, num_points=num_points,
+                                   quadrature_rule=rule))
+  null = lambda n, seed, columns=400: np.asarray(test(jnp.asarray(
+      np.random.default_rng(seed).normal(size=(n, columns)), jnp.float32)))
+  critical = np.quantile(null(1024, 0), 0.95)               # 5% level, simulated under N(0, 1)
+  for i, (name, draw) in enumerate(ALTERNATIVES.items()):
+    stats = np.asarray(test(jnp.asarray(draw(np.random.default_rng(i + 1), (1024, 400)),
+                                        jnp.float32)))
+    assert np.mean(stats > critical) > 0.9, (rule, name, np.mean(stats > critical))
+  # E[statistic] under the null is sum_k w_k (1 - phi_k^2) for every N.
+  _, weights, phi = sigreg.quadrature(t_max, num_points, rule)
+  expected = (weights * (1 - phi**2)).sum()
+  for n in (128, 1024, 4096):
+    stats = null(n, n, 1000)
+    assert abs(stats.mean() - expected) < 4 * stats.std() / np.sqrt(stats.size), (n, stats.mean())
