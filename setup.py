@@ -21,5 +21,7 @@ setup(
     ],
     extras_require={
         'test': ['pytest>=8', 'chex>=0.1.90', 'scipy>=1.11', 'portpicker'],
+        # benchmarks/sigreg.py compares against the reference algorithm in PyTorch.
+        'bench': ['torch==2.13.0'],
     },
 )

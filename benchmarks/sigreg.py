@@ -3,7 +3,7 @@
 python benchmarks/sigreg.py                      # N=1024, D=512, M=1024, T=17 (the reference sizes)
 python benchmarks/sigreg.py --n=512 --repeats=5  # other sizes
 
-Needs `pip install torch==2.13.0` for the comparison (skipped, with a message, without it).
+Needs `pip install -e .[bench]` (torch==2.13.0) for the comparison (skipped, with a message, without it).
 The PyTorch side is the reference algorithm as the authors' library computes it: slices
 from a generator seeded with the step, normalised Gaussian directions, x @ A, then cos and
 sin of the (N, M, T) tensor x * t, means over samples, (err @ weights) * N, mean over slices,
