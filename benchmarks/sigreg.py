@@ -45,15 +45,17 @@ def median_seconds(fn, repeats):
   return statistics.median(times)
 
 
-def jax_step_fn(z, num_slices, num_points, implementation):
-  value_and_grad = jax.jit(jax.value_and_grad(
+def jax_value_and_grad(num_slices, num_points, implementation):
+  """jit(value and gradient of sigreg w.r.t. the embeddings), as (z, key) -> (value, grad)."""
+  return jax.jit(jax.value_and_grad(
       lambda z, key: sigreg.sigreg(z, key, num_slices=num_slices, num_points=num_points,
                                    implementation=implementation)))
-  base = jax.random.key(0)
 
-  def step(i):
-    return jax.block_until_ready(value_and_grad(z, jax.random.fold_in(base, i)))
-  return step, value_and_grad
+
+def jax_step_fn(z, num_slices, num_points, implementation):
+  value_and_grad = jax_value_and_grad(num_slices, num_points, implementation)
+  base = jax.random.key(0)
+  return lambda i: jax.block_until_ready(value_and_grad(z, jax.random.fold_in(base, i)))
 
 
 def torch_reference(num_points, t_max=3.0):
@@ -90,9 +92,7 @@ def torch_step_fn(z_np, num_slices, num_points):
 
 
 def temp_bytes(n, dim, num_slices, num_points, implementation):
-  fn = jax.jit(jax.value_and_grad(
-      lambda z, key: sigreg.sigreg(z, key, num_slices=num_slices, num_points=num_points,
-                                   implementation=implementation)))
+  fn = jax_value_and_grad(num_slices, num_points, implementation)
   compiled = fn.lower(jax.ShapeDtypeStruct((n, dim), jnp.float32), jax.random.key(0)).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
@@ -116,7 +116,7 @@ def main():
 
   times = {}
   for impl in ('fast', 'autodiff'):
-    step, _ = jax_step_fn(z, m, k, impl)
+    step = jax_step_fn(z, m, k, impl)
     times[f'jax-{impl}'] = median_seconds(step, args.repeats)
   if torch is not None:
     times['torch'] = median_seconds(torch_step_fn(z_np, m, k), args.repeats)
@@ -146,7 +146,7 @@ def main():
   print('scaling in N (jax-fast):')
   base_time = None
   for factor in (1, 2, 4):
-    step, _ = jax_step_fn(jnp.asarray(np.random.default_rng(factor).normal(
+    step = jax_step_fn(jnp.asarray(np.random.default_rng(factor).normal(
         size=(factor * n, d)).astype(np.float32)), m, k, 'fast')
     seconds = median_seconds(step, args.repeats)
     base_time = base_time or seconds

@@ -77,10 +77,9 @@ def quadrature(t_max: float = 3.0, num_points: int = 17, rule: str = 'trapezoid'
   return knots, weights * phi, phi
 
 
-def _global_count(n_local: int, axis_name) -> jax.Array | int:
-  if axis_name is None:
-    return n_local
-  return n_local * jax.lax.psum(1, axis_name)
+def global_count(n_local: int, axis_name) -> int:
+  """The sample count N over all devices of `axis_name` (n_local without one)."""
+  return n_local if axis_name is None else n_local * jax.lax.axis_size(axis_name)
 
 
 def _runs(knots: np.ndarray):
@@ -215,7 +214,7 @@ def epps_pulley(x: jax.Array, *, t_max: float = 3.0, num_points: int = 17,
     if axis_name is not None:
       ecf = jax.lax.pmean(ecf, axis_name)
     err = jnp.abs(ecf - jnp.asarray(phi, jnp.float32)) ** 2
-    return _global_count(x.shape[-2], axis_name) * (err @ jnp.asarray(weights, jnp.float32))
+    return global_count(x.shape[-2], axis_name) * (err @ jnp.asarray(weights, jnp.float32))
   return _fast_epps_pulley(x, knots, weights, phi, axis_name)
 
 
@@ -229,7 +228,7 @@ def _fast_epps_pulley(x, knots, weights, phi, axis_name):
     dev_re, ecf_im = cos_sum / x.shape[-2], sin_sum / x.shape[-2]
     if axis_name is not None:      # the ECF is a mean over samples: average it over devices
       dev_re, ecf_im = jax.lax.pmean((dev_re, ecf_im), axis_name)
-    value = _global_count(x.shape[-2], axis_name) * ((dev_re**2 + ecf_im**2) @ w)
+    value = global_count(x.shape[-2], axis_name) * ((dev_re**2 + ecf_im**2) @ w)
     return value, (x, dev_re, ecf_im)
 
   @jax.custom_vjp

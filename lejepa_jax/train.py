@@ -51,7 +51,7 @@ def validate(config) -> None:
     problems.append(f'lamb={config.lamb}: must lie in [0, 1] with the convex convention')
   if config.sigreg.num_slices < 1 or config.sigreg.num_points < 2 or config.sigreg.t_max <= 0:
     problems.append('sigreg: num_slices >= 1, num_points >= 2 and t_max > 0 are required')
-  statistic = config.sigreg.get('statistic', 'epps_pulley')
+  statistic = regulariser_options(config.sigreg)['statistic']
   if statistic not in stats.STATISTICS:
     problems.append(f'sigreg.statistic={statistic!r}: one of {stats.STATISTICS}')
   if config.sigreg.get('quadrature', 'trapezoid') not in sigreg.QUADRATURES:

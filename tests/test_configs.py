@@ -10,7 +10,8 @@ from configs import fmnist, vitg
 from lejepa_jax import models, train
 
 REQUIRED = ('seed', 'batch_size', 'lamb', 'sigreg.num_slices', 'sigreg.t_max',
-            'sigreg.num_points', 'sigreg.statistic', 'sigreg.quadrature', 'data.name', 'data.dir', 'model.variant', 'checkpoint_every')
+            'sigreg.num_points', 'sigreg.statistic', 'sigreg.quadrature', 'data.name', 'data.dir',
+            'model.variant', 'checkpoint_every')
 
 
 @pytest.mark.parametrize('module,arg', [(fmnist, None), (fmnist, 'runlocal'), (vitg, None),

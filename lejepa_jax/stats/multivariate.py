@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lejepa_jax.sigreg import global_count
+
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -147,7 +149,7 @@ def henze_zirkler(x: jax.Array, *, axis_name=None) -> jax.Array:
   tends to 1 and the statistic grows slower than N under alternatives.
   """
   x = _prepare(x, 'henze_zirkler')
-  n = x.shape[-2] * (1 if axis_name is None else jax.lax.axis_size(axis_name))
+  n = global_count(x.shape[-2], axis_name)
   return _bhep(x, henze_zirkler_beta(n, x.shape[-1]), axis_name)
 
 

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import log_ndtr, ndtr
 
+from lejepa_jax.sigreg import global_count
+
 _TINY = 1e-30        # floor for spacings before a log
 _VAR_FLOOR = 1e-12   # floor for variances before a division (its square stays a normal float32)
 
@@ -64,10 +66,6 @@ def _on_sorted_columns(statistic, x: jax.Array, axis_name):
   if axis_name is not None:
     value = jax.lax.pmean(value, axis_name)
   return value
-
-
-def _global_count(n_local: int, axis_name) -> int:
-  return n_local if axis_name is None else n_local * jax.lax.axis_size(axis_name)
 
 
 def _global_mean(values: jax.Array, axis_name) -> jax.Array:
@@ -311,7 +309,7 @@ def moments(x: jax.Array, *, k_max: int = 4, axis_name=None) -> jax.Array:
   if k_max < 1:
     raise ValueError(f'moments needs k_max >= 1, got {k_max}')
   x = _as_columns(x, 'moments')
-  n = _global_count(x.shape[-2], axis_name)
+  n = global_count(x.shape[-2], axis_name)
   powers, power = [], x
   for _ in range(k_max):
     powers.append(power)
@@ -330,7 +328,7 @@ def _central_moments(x, axis_name, higher=True):
   Two passes (the global mean first, then centred power means) rather than raw power
   sums: raw sums lose the variance to cancellation in float32 when |mean| >> std.
   """
-  n = _global_count(x.shape[-2], axis_name)
+  n = global_count(x.shape[-2], axis_name)
   if n < 2:
     raise ValueError(f'the variance needs N >= 2 samples, got N={n}')
   mean = _global_mean(x, axis_name)
