@@ -1,4 +1,5 @@
-"""Augmentations against references, crop scales, and the Grain pipeline's determinism."""
+"""Augmentations against references, crop scales, and the Grain pipelines: determinism,
+resumption, and batches that do not depend on the number of processes reading them."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -21,9 +22,10 @@ def _data_config(**kw):
 
 
 def _source(n=64, size=20, channels=1, seed=0):
+  """Random images; labels are the record ids, so tests can follow records through a pipeline."""
   rng = np.random.default_rng(seed)
   return sources.ArraySource(rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8),
-                             np.arange(n) % 10)
+                             np.arange(n))
 
 
 @pytest.mark.parametrize('scale', [(0.3, 1.0), (0.05, 0.3)])
@@ -103,49 +105,146 @@ def _take(ds, n):
   return [next(it) for _ in range(n)]
 
 
-def test_pipeline_is_deterministic_for_a_seed_and_resumable():
-  src, cfg = _source(), _data_config()
-  a = _take(pipeline.train_dataset(src, cfg, seed=3, local_batch_size=8), 10)
-  b = _take(pipeline.train_dataset(src, cfg, seed=3, local_batch_size=8), 10)
-  c = _take(pipeline.train_dataset(src, cfg, seed=4, local_batch_size=8), 10)
-  for x, y in zip(a, b):
+def _assert_batches_equal(xs, ys):
+  assert len(xs) == len(ys)
+  for x, y in zip(xs, ys):
+    assert x.keys() == y.keys()
     for k in x:
-      np.testing.assert_array_equal(x[k], y[k])
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def _concat(per_process):
+  """Step-wise concatenation over processes of their local batches."""
+  return [{k: np.concatenate([b[k] for b in step]) for k in step[0]} for step in zip(*per_process)]
+
+
+@pytest.mark.parametrize('process_count', [1, 2])
+def test_pipeline_is_deterministic_for_a_seed_and_resumable(process_count):
+  src, cfg = _source(), _data_config()
+  kw = dict(local_batch_size=8 // process_count, process_index=process_count - 1,
+            process_count=process_count)
+  a = _take(pipeline.train_dataset(src, cfg, seed=3, **kw), 10)
+  b = _take(pipeline.train_dataset(src, cfg, seed=3, **kw), 10)
+  c = _take(pipeline.train_dataset(src, cfg, seed=4, **kw), 10)
+  _assert_batches_equal(a, b)
   assert not np.array_equal(a[0]['global'], c[0]['global'])
-  # epochs (8 batches of 64 records) are reshuffled: labels of epoch 2 differ in order
-  first = np.concatenate([x['label'] for x in a[:8]])
-  assert sorted(first) == sorted(np.arange(64) % 10)
-  it = iter(pipeline.train_dataset(src, cfg, seed=3, local_batch_size=8))
+  it = iter(pipeline.train_dataset(src, cfg, seed=3, **kw))
   for _ in range(4):
     next(it)
   state = it.get_state()
-  it2 = iter(pipeline.train_dataset(src, cfg, seed=3, local_batch_size=8))
+  it2 = iter(pipeline.train_dataset(src, cfg, seed=3, **kw))
   it2.set_state(state)
-  np.testing.assert_array_equal(next(it2)['global'], a[4]['global'])
+  _assert_batches_equal([next(it2) for _ in range(6)], a[4:])
 
 
-def test_pipeline_shards_by_process():
-  images = np.zeros((64, 20, 20, 1), np.uint8)
-  src, cfg = sources.ArraySource(images, np.arange(64)), _data_config()
-  per_process = []
-  for p in range(2):
-    ds = pipeline.train_dataset(src, cfg, seed=0, local_batch_size=8, process_index=p, process_count=2)
-    per_process.append(np.concatenate([b['label'] for b in _take(ds, 4)]))  # one epoch of 32
-  # process p holds records p, p + 2, ...; together one epoch covers every record once
-  assert set(per_process[0] % 2) == {0} and set(per_process[1] % 2) == {1}
-  assert sorted(np.concatenate(per_process)) == list(range(64))
+def test_epochs_are_reshuffled_and_cover_every_record():
+  src, cfg = _source(n=24), _data_config(num_global_views=1, num_local_views=0)
+  labels = np.concatenate([b['label'] for b in
+                           _take(pipeline.train_dataset(src, cfg, seed=0, local_batch_size=8), 9)])
+  epochs = labels.reshape(3, 24)
+  for e in epochs:                       # each epoch is a permutation of the records
+    np.testing.assert_array_equal(np.sort(e), np.arange(24))
+  assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+  assert not np.array_equal(epochs[0], np.arange(24))   # shuffled at all
 
 
-def test_eval_batches_cover_every_record_once_with_padding():
-  src, cfg = _source(n=37), _data_config()
-  seen = []
-  for p in range(2):
-    batches = list(pipeline.eval_batches(src, cfg, local_batch_size=8, process_index=p, process_count=2))
-    assert len(batches) == 3
+@pytest.mark.parametrize('process_count', [2, 4])
+def test_global_batch_does_not_depend_on_process_count(process_count):
+  # 20 records, global batch 8: 6 steps are 2.4 epochs, and steps 2 and 4 straddle an epoch end.
+  src, cfg, steps, global_batch = _source(n=20), _data_config(), 6, 8
+  single = _take(pipeline.train_dataset(src, cfg, seed=5, local_batch_size=global_batch), steps)
+  per_process = [
+      _take(pipeline.train_dataset(src, cfg, seed=5, local_batch_size=global_batch // process_count,
+                                   process_index=p, process_count=process_count), steps)
+      for p in range(process_count)]
+  for batches in per_process:
+    assert batches[0]['global'].shape == (global_batch // process_count, 2, 16, 16, 1)
+  # Bitwise: same records in the same places, and the same augmentation of each.
+  _assert_batches_equal(_concat(per_process), single)
+  labels = np.concatenate([b['label'] for b in single])
+  np.testing.assert_array_equal(np.sort(labels[:20]), np.arange(20))
+  np.testing.assert_array_equal(np.sort(labels[20:40]), np.arange(20))
+
+
+def test_copies_of_one_image_get_different_augmentations_in_every_process():
+  image = np.random.default_rng(0).integers(0, 256, (20, 20, 1), dtype=np.uint8)
+  src = sources.ArraySource(np.repeat(image[None], 16, axis=0), np.zeros(16))
+  cfg = _data_config()
+  per_process = [next(iter(pipeline.train_dataset(src, cfg, seed=0, local_batch_size=4,
+                                                  process_index=p, process_count=2)))
+                 for p in range(2)]
+  assert not np.array_equal(per_process[0]['global'], per_process[1]['global'])
+  # All 8 rows of the global batch differ from one another, within and across processes,
+  # in both the global and the local views.
+  for key in ('global', 'local'):
+    rows = np.concatenate([b[key] for b in per_process]).reshape(8, -1)
+    assert len(np.unique(rows, axis=0)) == 8, key
+
+
+def test_workers_and_threads_give_the_same_batches_and_resume():
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()   # Grain's worker processes read its absl flags (main parses them)
+  src = _source(n=40)
+  kw = dict(seed=1, local_batch_size=4, process_index=1, process_count=2)
+  ref = _take(pipeline.train_dataset(src, _data_config(num_threads=1), **kw), 8)
+  threads = _take(pipeline.train_dataset(src, _data_config(num_threads=4, prefetch=8), **kw), 8)
+  _assert_batches_equal(threads, ref)
+  cfg = _data_config(num_workers=2)
+  it = iter(pipeline.train_dataset(src, cfg, **kw))
+  _assert_batches_equal([next(it) for _ in range(5)], ref[:5])
+  state = it.get_state()
+  it2 = iter(pipeline.train_dataset(src, cfg, **kw))
+  it2.set_state(state)
+  _assert_batches_equal([next(it2) for _ in range(3)], ref[5:])
+
+
+def test_train_dataset_rejects_a_source_smaller_than_one_global_batch():
+  with pytest.raises(ValueError, match=r'10 records is smaller than one global batch of 12 '
+                                       r'\(2 processes x 6\)'):
+    pipeline.train_dataset(_source(n=10), _data_config(), seed=0, local_batch_size=6,
+                           process_index=0, process_count=2)
+
+
+@pytest.mark.parametrize('process_count', [1, 2, 3])
+def test_eval_global_batch_does_not_depend_on_process_count(process_count):
+  src, cfg, local = _source(n=37), _data_config(), 4
+  global_batch = process_count * local
+  num_batches = -(-37 // global_batch)
+  single = list(pipeline.eval_batches(src, cfg, local_batch_size=global_batch))
+  per_process = [list(pipeline.eval_batches(src, cfg, local_batch_size=local, process_index=p,
+                                            process_count=process_count))
+                 for p in range(process_count)]
+  for batches in per_process:
+    assert len(batches) == num_batches
     for b in batches:
-      assert b['image'].shape == (8, 16, 16, 1)
-      seen.extend(b['label'][b['mask'] > 0].tolist())
-  assert sorted(seen) == sorted(src.labels.tolist())
+      assert b['image'].shape == (local, 16, 16, 1) and b['label'].shape == b['mask'].shape == (local,)
+      assert (b['image'].dtype, b['label'].dtype, b['mask'].dtype) == (np.float32, np.int32, np.float32)
+  _assert_batches_equal(_concat(per_process), single)
+  # The single-process stream: records 0..36 in order, preprocessed, then zero padding.
+  images, labels, mask = (np.concatenate([b[k] for b in single]) for k in ('image', 'label', 'mask'))
+  np.testing.assert_array_equal(mask, np.arange(num_batches * global_batch) < 37)
+  np.testing.assert_array_equal(labels[:37], np.arange(37))
+  assert not labels[37:].any() and not images[37:].any()
+  spec = pipeline.augment_spec(cfg)
+  for i in (0, 17, 36):
+    np.testing.assert_array_equal(images[i], augment.eval_view(src[i]['image'], 16, spec))
+
+
+def test_eval_batches_read_only_this_process_records():
+  src, reads = _source(n=37), []
+
+  class Counting:
+    def __len__(self):
+      return len(src)
+
+    def __getitem__(self, i):
+      reads.append(i)
+      return src[i]
+
+  list(pipeline.eval_batches(Counting(), _data_config(), local_batch_size=4, process_index=1,
+                             process_count=3))
+  # global batches of 12: process 1 holds rows 4..7 of each
+  assert sorted(reads) == [4, 5, 6, 7, 16, 17, 18, 19, 28, 29, 30, 31]
 
 
 def test_fashion_mnist_source_reads_idx_files(tmp_path):

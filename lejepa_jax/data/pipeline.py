@@ -1,9 +1,19 @@
 """Grain pipelines: multi-crop training batches and plain evaluation batches.
 
-Training: source -> per-process shard -> shuffle (reshuffled every epoch) ->
-repeat -> multi-crop random_map -> batch. The iterator is a Grain
-DatasetIterator whose state (a position, a few bytes) is checkpointed with the
-train state, so a resumed run sees exactly the batches it would have seen.
+Both read ONE global order of records that does not depend on the number of
+processes: a global batch is G = process_count * local_batch_size consecutive
+records of it, and process p takes rows [p*L, (p+1)*L) of every global batch.
+So the concatenation of all processes' batches at a step is exactly the batch
+one process would read with local_batch_size G.
+
+Training: source -> shuffle (reshuffled every epoch) -> repeat -> multi-crop
+random_map keyed on the global position -> batch(L) -> every process_count-th
+batch from process_index. The iterator is a Grain DatasetIterator whose state
+(a position, a few bytes) is checkpointed with the train state, so a resumed
+run sees exactly the batches it would have seen.
+
+Evaluation: records in source order, each once, the last global batch padded
+with zeros (mask 0); every process yields ceil(N / G) batches.
 """
 from __future__ import annotations
 
@@ -60,20 +70,30 @@ def multi_crop(data_config) -> MultiCrop:
 
 def train_dataset(source, data_config, *, seed: int, local_batch_size: int,
                   process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """Infinite multi-crop batches of this process's shard of `source`."""
-  if len(source) < process_count * local_batch_size:
-    raise ValueError(f'data set of {len(source)} records is smaller than one global batch '
-                     f'({process_count} x {local_batch_size})')
-  ds = grain.MapDataset.source(source)
-  ds = ds[process_index::process_count]
-  ds = ds.shuffle(seed=seed).repeat(None)
-  ds = ds.random_map(multi_crop(data_config), seed=seed + 1)
-  ds = ds.batch(local_batch_size, drop_remainder=True)
+  """Infinite multi-crop batches: this process's rows of each global batch."""
+  global_batch = process_count * local_batch_size
+  if len(source) < global_batch:
+    raise ValueError(f'data set of {len(source)} records is smaller than one global batch of '
+                     f'{global_batch} ({process_count} processes x {local_batch_size}): lower '
+                     f'batch_size or use a bigger data set')
+  # ds.seed hashes `seed` into distinct seeds for shuffle and random_map. Passing `seed` to
+  # shuffle directly would make run s's epoch e + 1 repeat run s + 1's epoch e (it reseeds
+  # with seed + epoch).
+  ds = grain.MapDataset.source(source).seed(seed).shuffle()
+  # Indices past the shuffle are global positions: the shuffle reads the epoch off them (a
+  # new order every epoch) and batches run on across epoch boundaries.
+  ds = ds.repeat(None, reseed_each_epoch=True)
+  # The augmentation rng is keyed on the global position, so it is the same whichever
+  # process reads the record, and differs between processes' rows.
+  ds = ds.random_map(multi_crop(data_config))
+  # Lazy on the MapDataset: this process only reads and augments its own batches.
+  ds = ds.batch(local_batch_size, drop_remainder=True)[process_index::process_count]
   read = grain.ReadOptions(num_threads=data_config.get('num_threads', 2),
                            prefetch_buffer_size=data_config.get('prefetch', 4))
   ds = ds.to_iter_dataset(read)
   workers = data_config.get('num_workers', 0)
   if workers:
+    # Workers take batches w::workers of this stream and interleave them back in order.
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return ds
 
@@ -89,37 +109,41 @@ class EvalPreprocess:
             'label': np.int32(record['label'])}
 
 
-def _pad(batch: dict, size: int) -> dict:
-  n = len(batch['label'])
-  padded = {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)])
-            for k, v in batch.items()}
-  padded['mask'] = (np.arange(size) < n).astype(np.float32)
-  return padded
+@dataclasses.dataclass(frozen=True)
+class EvalSlot:
+  """Slot k of this process's eval stream -> its preprocessed record, or padding past the end."""
+  source: object
+  preprocess: EvalPreprocess
+  local_batch_size: int
+  process_index: int
+  process_count: int
+  channels: int
+
+  def __call__(self, k: int) -> dict:
+    b, row = divmod(k, self.local_batch_size)
+    index = (b * self.process_count + self.process_index) * self.local_batch_size + row
+    if index >= len(self.source):
+      size = self.preprocess.size
+      return {'image': np.zeros((size, size, self.channels), np.float32),
+              'label': np.int32(0), 'mask': np.float32(0)}
+    return {**self.preprocess(self.source[index]), 'mask': np.float32(1)}
 
 
 def eval_batches(source, data_config, *, local_batch_size: int, process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict]:
-  """This process's share of `source`, every record once, in fixed-size batches.
+  """This process's rows of the global eval batches: every record once, in source order.
 
-  The last batches are padded; 'mask' is 1 for real records, 0 for padding.
-  Every process yields the same number of batches (global arrays need it).
+  Global batch b holds records [b*G, (b+1)*G), G = process_count * local_batch_size, and
+  process p gets rows [p*L, (p+1)*L) of it. 'mask' is 1 for real records, 0 for the zero
+  padding past the end. Every process yields ceil(N / G) batches (global arrays need it).
   """
-  n = len(source)
-  per_process = -(-n // process_count)
-  num_batches = -(-per_process // local_batch_size)
-  start, stop = min(process_index * per_process, n), min((process_index + 1) * per_process, n)
+  num_batches = -(-len(source) // (process_count * local_batch_size))
   preprocess = EvalPreprocess(data_config.global_size, augment_spec(data_config),
                               data_config.get('eval_crop_fraction', 1.0))
-  ds = grain.MapDataset.source(source)[start:stop].map(preprocess)
-  ds = ds.batch(local_batch_size, drop_remainder=False)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.get('num_threads', 2),
-                                            prefetch_buffer_size=2))
-  emitted = 0
-  for batch in ds:
-    emitted += 1
-    yield _pad(batch, local_batch_size)
-  size = data_config.global_size
-  empty = {'image': np.zeros((0, size, size, data_config.channels), np.float32),
-           'label': np.zeros((0,), np.int32)}
-  for _ in range(num_batches - emitted):
-    yield _pad(empty, local_batch_size)
+  slot = EvalSlot(source, preprocess, local_batch_size, process_index, process_count,
+                  data_config.channels)
+  # Lazy: only this process's records are read and preprocessed, by Grain threads.
+  ds = grain.MapDataset.range(num_batches * local_batch_size).map(slot)
+  ds = ds.batch(local_batch_size, drop_remainder=True)
+  yield from ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.get('num_threads', 2),
+                                                  prefetch_buffer_size=2))
