@@ -1,4 +1,4 @@
-"""AdamW with linear warmup + cosine decay to lr/1000; no decay on norms and biases."""
+"""AdamW with linear warmup + cosine decay to lr/1000; weight decay on kernels only."""
 from __future__ import annotations
 
 import jax
@@ -14,8 +14,15 @@ def schedule(peak_lr: float, total_steps: int, warmup_steps: int) -> optax.Sched
 
 
 def decay_mask(params):
-  """True for weight matrices (ndim >= 2); False for biases and norm scales/offsets."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """True for kernels (dense, attention, patch embedding); False for everything else.
+
+  Decided by name, not by ndim: under nn.scan the LayerNorm scales and biases
+  are stacked into 2-D arrays, and the position embedding, CLS token and
+  registers are 3-D, yet none of them should be decayed.
+  """
+  def is_kernel(path, _):
+    return str(getattr(path[-1], 'key', path[-1])).endswith('kernel')
+  return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
 def adamw(peak_lr: float, total_steps: int, warmup_steps: int, weight_decay: float,
