@@ -1,5 +1,6 @@
 """ViT shapes for global and local crops, the variant table, and the projector."""
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,3 +99,50 @@ def test_bad_config_raises():
     vit.vit_config('XXL', patch_size=16, image_size=224)
   with pytest.raises(ValueError, match='multiple'):
     vit.vit_config('S', patch_size=16, image_size=100)
+
+
+def _attention_float64(x, p, num_heads):
+  """Multi-head self-attention written out in float64 numpy (the reference)."""
+  x = np.asarray(x, np.float64)
+  qkv = np.einsum('bsd,dthk->tbshk', x, np.asarray(p['qkv_kernel'], np.float64))
+  qkv = qkv + np.asarray(p['qkv_bias'], np.float64)[:, None, None]
+  q, k, v = qkv
+  logits = np.einsum('bqhk,bshk->bhqs', q, k) / np.sqrt(q.shape[-1])
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  y = np.einsum('bhqs,bshk->bqhk', weights, v)
+  return np.einsum('bqhk,hkd->bqd', y, np.asarray(p['out_kernel'], np.float64)) + \
+      np.asarray(p['out_bias'], np.float64)
+
+
+def test_attention_equals_the_written_out_formula_in_value_and_gradient():
+  cfg = _small()
+  layer = vit.Attention(cfg)
+  x = jax.random.normal(jax.random.key(3), (2, 9, 32))
+  params = nn.unbox(layer.init(jax.random.key(4), x)['params'])
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(5), p.shape), params)
+  np.testing.assert_allclose(layer.apply({'params': params}, x),
+                             _attention_float64(x, params, cfg.num_heads), rtol=2e-5, atol=2e-5)
+  # Gradient of a random projection of the output, by central differences in float64.
+  w = np.asarray(jax.random.normal(jax.random.key(6), (2, 9, 32)), np.float64)
+  grad = jax.grad(lambda x: jnp.sum(layer.apply({'params': params}, x) * w))(x)
+  rng = np.random.default_rng(0)
+  for _ in range(6):
+    idx = tuple(rng.integers(0, s) for s in x.shape)
+    e = np.zeros(x.shape)
+    e[idx] = 1e-4
+    plus = np.sum(_attention_float64(np.asarray(x, np.float64) + e, params, 2) * w)
+    minus = np.sum(_attention_float64(np.asarray(x, np.float64) - e, params, 2) * w)
+    np.testing.assert_allclose(grad[idx], (plus - minus) / 2e-4, rtol=1e-3, atol=1e-4)
+
+
+def test_attention_in_bfloat16_stays_close_to_float32():
+  x = jax.random.normal(jax.random.key(7), (2, 9, 32))
+  layer32, layer16 = vit.Attention(_small()), vit.Attention(_small(dtype=jnp.bfloat16))
+  params = nn.unbox(layer32.init(jax.random.key(8), x)['params'])
+  out32 = layer32.apply({'params': params}, x)
+  out16 = layer16.apply({'params': params}, x.astype(jnp.bfloat16))
+  assert out16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out16, np.float32), out32, atol=0.05)
+  with pytest.raises(ValueError, match='model.attention'):
+    _small(attention='flash')

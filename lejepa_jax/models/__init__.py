@@ -57,6 +57,7 @@ def build_model(config) -> LeJEPAModel:
   enc = vit_config(m.variant, patch_size=m.patch_size, image_size=config.data.global_size,
                    **sizes, num_registers=m.get('num_registers', 0),
                    remat=m.get('remat', 'none'), scan=m.get('scan', True),
+                   attention=m.get('attention') or None,
                    dtype=jnp.dtype(m.get('dtype', 'float32')))
   return LeJEPAModel(encoder=enc, projector_hidden=tuple(m.projector_hidden),
                      projector_out=m.projector_out, num_classes=config.data.num_classes)

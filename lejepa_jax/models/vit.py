@@ -46,6 +46,7 @@ class ViTConfig:
   dtype: Any = jnp.float32   # activation dtype; parameters stay float32
   remat: str = 'none'
   scan: bool = True
+  attention: str | None = None  # jax.nn.dot_product_attention implementation: None, 'xla', 'cudnn'
 
 
 def vit_config(variant: str, *, patch_size: int, image_size: int, **overrides) -> ViTConfig:
@@ -61,6 +62,8 @@ def vit_config(variant: str, *, patch_size: int, image_size: int, **overrides) -
     raise ValueError(f'width {base["width"]} is not divisible by num_heads {base["num_heads"]}')
   if overrides.get('remat', 'none') not in REMAT_POLICIES:
     raise ValueError(f'model.remat must be one of {sorted(REMAT_POLICIES)}')
+  if overrides.get('attention') not in (None, 'xla', 'cudnn'):
+    raise ValueError(f"model.attention must be '', 'xla' or 'cudnn', got {overrides['attention']!r}")
   return ViTConfig(patch_size=patch_size, image_size=image_size, **base)
 
 
@@ -91,10 +94,9 @@ class Attention(nn.Module):
         nn.initializers.zeros, (None, 'heads', 'kv')), (3, cfg.num_heads, head_dim))
     qkv = jnp.einsum('bsd,dthk->tbshk', x, qkv_kernel.astype(cfg.dtype)) + \
         qkv_bias.astype(cfg.dtype)[:, None, None]
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    logits = jnp.einsum('bqhk,bshk->bhqs', q, k) / jnp.sqrt(head_dim).astype(cfg.dtype)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(cfg.dtype)
-    y = jnp.einsum('bhqs,bshk->bqhk', weights, v)
+    # One place to pick the kernel: XLA everywhere, cuDNN flash attention on GPUs
+    # (model.attention='cudnn'); logits and softmax are computed in float32.
+    y = jax.nn.dot_product_attention(qkv[0], qkv[1], qkv[2], implementation=cfg.attention)
     out_kernel = self.param('out_kernel', nn.with_logical_partitioning(
         nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2), ('heads', 'kv', 'embed')),
         (cfg.num_heads, head_dim, cfg.width))
