@@ -6,20 +6,28 @@ position, one small file per process).
 """
 from __future__ import annotations
 
-import os
-
 from absl import logging
+from etils import epath
 import grain
 import jax
 import orbax.checkpoint as ocp
 
 
-def manager(workdir: str, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+def directory(workdir) -> epath.Path:
+  """WORKDIR/checkpoints; a gs:// workdir stays a gs:// path (never made local).
+
+  A relative local path is made absolute (Orbax and TensorStore want one);
+  a URL is absolute already.
+  """
+  path = epath.Path(workdir)
+  return (path if path.is_absolute() else path.absolute()) / 'checkpoints'
+
+
+def manager(workdir, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=False)
   return ocp.CheckpointManager(
-      directory, options=options,
+      directory(workdir), options=options,
       item_handlers={'state': ocp.StandardCheckpointHandler(),
                      'data': grain.checkpoint.CheckpointHandler()})
 

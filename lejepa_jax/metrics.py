@@ -1,42 +1,59 @@
 """Metric sinks: DIR/metrics.jsonl, TensorBoard event files, console progress.
 
-Only process 0 writes; other processes get a writer that does nothing.
+Only process 0 writes; other processes get a writer that does nothing. The
+workdir may be local or a gs:// URL: every access goes through etils.epath.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
 from absl import logging
+from etils import epath
 import numpy as np
 
 
 class MetricWriter:
-  """Appends {'step': ..., 'train/loss': ...} lines to metrics.jsonl and TensorBoard scalars."""
+  """Appends {'step': ..., 'train/loss': ...} lines to metrics.jsonl and TensorBoard scalars.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  Object stores cannot append, so on a URL workdir the file is rewritten whole
+  (it stays small: one line per logged step).
+  """
+
+  def __init__(self, workdir, enabled: bool = True, tensorboard: bool = True):
     self.enabled = enabled
-    self._jsonl = self._tb = None
-    if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
+    self._tb = None
+    if not enabled:
+      return
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    self._path = workdir / 'metrics.jsonl'
+    self._appendable = '://' not in str(workdir)
+    self._lines = [] if self._appendable or not self._path.exists() else \
+        self._path.read_text().splitlines(keepends=True)
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # gs:// needs google-cloud-storage (the tpu extra)
+      self._tb = SummaryWriter(logdir=str(workdir), flush_secs=30)
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
     clean = {k: float(np.asarray(v)) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({'step': int(step), **clean}) + '\n')
-    for k, v in clean.items():
-      if math.isfinite(v):
-        self._tb.add_scalar(k, v, int(step))
+    line = json.dumps({'step': int(step), **clean}) + '\n'
+    if self._appendable:
+      with self._path.open('a') as f:
+        f.write(line)
+    else:
+      self._lines.append(line)
+      self._path.write_text(''.join(self._lines))
+    if self._tb is not None:
+      for k, v in clean.items():
+        if math.isfinite(v):
+          self._tb.add_scalar(k, v, int(step))
 
   def close(self) -> None:
-    if self.enabled:
-      self._jsonl.close()
+    if self._tb is not None:
       self._tb.close()
 
 

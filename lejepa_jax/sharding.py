@@ -6,6 +6,7 @@ parallel on 'mlp' and 'heads'). The batch is split over ('data', 'fsdp').
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import flax.linen as nn
@@ -26,6 +27,13 @@ DEFAULT_RULES = (
     ('seq', None),
     ('layers', None),
 )
+
+
+@contextlib.contextmanager
+def activate(mesh, rules=DEFAULT_RULES):
+  """The mesh and logical-axis rules under which model code is traced and run."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def mesh_shape(requested: dict | None, num_devices: int) -> tuple[int, ...]:

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from lejepa_jax import losses, optim, sigreg
-from lejepa_jax.evaluators import knn, linear_probe
 
 
 def test_invariance_matches_numpy():
@@ -74,34 +73,3 @@ def test_no_weight_decay_on_norms_and_biases():
   np.testing.assert_allclose(updates['dense']['kernel'], -0.5 * np.ones((2, 2)), rtol=1e-6)
   np.testing.assert_array_equal(updates['dense']['bias'], 0)
   np.testing.assert_array_equal(updates['norm']['scale'], 0)
-
-
-def test_knn_matches_brute_force_numpy():
-  rng = np.random.default_rng(0)
-  train_x, train_y = rng.normal(size=(300, 5)), rng.integers(0, 4, 300)
-  test_x, test_y = rng.normal(size=(50, 5)), rng.integers(0, 4, 50)
-  k, temp = 7, 0.1
-  tn = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
-  qn = test_x / np.linalg.norm(test_x, axis=1, keepdims=True)
-  preds = []
-  for q in qn:
-    sims = tn @ q
-    top = np.argsort(-sims)[:k]
-    votes = np.zeros(4)
-    np.add.at(votes, train_y[top], np.exp(sims[top] / temp))
-    preds.append(votes.argmax())
-  ref = np.mean(np.array(preds) == test_y)
-  got = knn.evaluate(train_x, train_y, test_x, test_y, 4, k=k, temperature=temp, chunk=16)
-  assert got['knn_top1'] == pytest.approx(ref)
-
-
-def test_linear_probe_learns_a_linear_rule_and_picks_lr_on_holdout():
-  rng = np.random.default_rng(1)
-  w = rng.normal(size=(20, 3))
-  w -= w.mean(0)          # argmax(x @ w) then survives the probe's LayerNorm (mean and scale)
-  x = rng.normal(size=(3000, 20))
-  y = np.argmax(x @ w, -1)
-  out = linear_probe.evaluate(x[:2000], y[:2000], x[2000:], y[2000:], 3, lrs=(1e-5, 1e-2),
-                              epochs=20, batch_size=256)
-  assert out['linear_probe_lr'] == 1e-2
-  assert out['linear_probe_top1'] > 0.95

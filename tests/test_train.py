@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 
-import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -12,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import fmnist
-from lejepa_jax import models, optim, train
+from lejepa_jax import steps, train
 from lejepa_jax import sharding as sharding_lib
 
 
@@ -34,12 +33,13 @@ def _batch(c, seed=0):
 
 
 def _run_steps(c, mesh, batch, n, tx=None):
-  model = models.build_model(c)
-  tx = tx or optim.make_optimizer(c, 100)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.DEFAULT_RULES):
-    state, shardings = train.create_train_state(c, model, tx, mesh)
-    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, config=c),
-                   in_shardings=(shardings, sharding_lib.batch_sharding(mesh)))
+  programs = steps.build(c, mesh, 100)
+  with sharding_lib.activate(mesh):
+    state = programs.init(np.int32(c.seed))
+    step = programs.train_step
+    if tx is not None:   # same model and shardings, another optimizer
+      state = state.replace(opt_state=tx.init(state.params))
+      step = jax.jit(functools.partial(steps.train_step, model=programs.model, tx=tx, config=c))
     global_batch = sharding_lib.to_global_batch(batch, mesh)
     history = []
     for _ in range(n):

@@ -1,0 +1,172 @@
+"""The programs a run compiles: state init, the LeJEPA train step, frozen features.
+
+`build(config, mesh, total_steps)` is the one place that turns a config into a
+model, an optimizer, the train state's shardings and the jitted functions with
+their in/out shardings. `train`, `evaluate` and `plan` all go through it, so what
+`plan` compiles ahead of time for a TPU slice is exactly what a run executes.
+
+Everything here can be built from abstract shapes: `Programs.abstract_state` holds
+`jax.ShapeDtypeStruct`s with their shardings and nothing is allocated until a
+function is called, which is what lets `plan` compile for devices it does not have.
+Trace (call or `.lower`) the functions inside `sharding.activate(mesh)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from lejepa_jax import losses
+from lejepa_jax import models
+from lejepa_jax import optim
+from lejepa_jax import sharding as sharding_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict
+  batch_stats: dict
+  opt_state: optax.OptState
+  rng: jax.Array          # base key; per-step keys are fold_in(rng, step)
+
+
+def regulariser_options(sigreg_config) -> dict:
+  """Keyword arguments of `losses.lejepa_loss` that choose and configure the statistic.
+
+  sigreg.statistic (default 'epps_pulley'); Epps-Pulley reads sigreg.t_max,
+  sigreg.num_points and sigreg.quadrature; sigreg.options (a dict) goes to any statistic.
+  """
+  statistic = sigreg_config.get('statistic', 'epps_pulley')
+  options = dict(sigreg_config.get('options', None) or {})
+  if statistic == 'epps_pulley':
+    options.update(t_max=sigreg_config.t_max, num_points=sigreg_config.num_points,
+                   quadrature_rule=sigreg_config.get('quadrature', 'trapezoid'))
+  return dict(statistic=statistic, num_slices=sigreg_config.num_slices, **options)
+
+
+def abstract_batch(config, mesh, batch_size: int | None = None) -> dict:
+  """Shapes, dtypes and shardings of one global multi-crop training batch."""
+  d = config.data
+  b = batch_size or config.batch_size
+  sharding = sharding_lib.batch_sharding(mesh)
+
+  def sds(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  return {'global': sds((b, d.num_global_views, d.global_size, d.global_size, d.channels),
+                        jnp.float32),
+          'local': sds((b, d.num_local_views, d.local_size, d.local_size, d.channels),
+                       jnp.float32),
+          'label': sds((b,), jnp.int32)}
+
+
+def abstract_images(config, mesh, batch_size: int) -> jax.ShapeDtypeStruct:
+  """One global batch of evaluation images (B, H, W, C)."""
+  d = config.data
+  return jax.ShapeDtypeStruct((batch_size, d.global_size, d.global_size, d.channels),
+                              jnp.float32, sharding=sharding_lib.batch_sharding(mesh))
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx, config):
+  """One LeJEPA update on a global multi-crop batch; returns (state, metrics)."""
+  key = jax.random.fold_in(state.rng, state.step)
+  num_global = config.data.num_global_views
+
+  def loss_fn(params):
+    out, mutated = model.apply({'params': params, 'batch_stats': state.batch_stats},
+                               batch['global'], batch['local'], train=True,
+                               mutable=['batch_stats'])
+    proj = out['proj']
+    loss, terms = losses.lejepa_loss(
+        proj[:num_global], proj, key, lamb=config.lamb, convention=config.loss_convention,
+        **regulariser_options(config.sigreg))
+    logits = out['probe_logits']
+    labels = jnp.broadcast_to(batch['label'], logits.shape[:-1])
+    probe_loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    probe_top1 = jnp.mean(jnp.argmax(logits, -1) == labels)
+    # The probe sees stop-gradient features, so adding its loss trains only the probe.
+    aux = {'loss': loss, **terms, 'probe_loss': probe_loss, 'probe_top1': probe_top1}
+    return loss + probe_loss, (aux, mutated['batch_stats'])
+
+  grads, (aux, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  aux['grad_norm'] = optax.tree.norm({k: v for k, v in grads.items() if k != 'probe'})
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state)
+  return new_state, {f'train/{k}': v for k, v in aux.items()}
+
+
+def _dummy_views(config):
+  d = config.data
+  g = jnp.zeros((2, d.num_global_views, d.global_size, d.global_size, d.channels))
+  l = jnp.zeros((2, d.num_local_views, d.local_size, d.local_size, d.channels))
+  return g, l
+
+
+def _unbox(tree):
+  # Partitioned.unbox(apply_constraint=False): a sharding constraint needs real devices.
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned)
+                      else x, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """A run's model, optimizer, state layout and jitted functions (see `build`)."""
+  model: models.LeJEPAModel
+  tx: optax.GradientTransformation
+  mesh: jax.sharding.Mesh
+  abstract_state: TrainState         # ShapeDtypeStruct leaves with their shardings
+  state_shardings: TrainState        # NamedSharding leaves
+  init: Callable[[Any], TrainState]  # seed (int32 scalar) -> sharded state
+  train_step: Callable               # (state, batch) -> (state, metrics); donates state
+  features: Callable                 # (variables, images (B, H, W, C)) -> (B, F)
+
+  @property
+  def variable_shardings(self) -> dict:
+    """Shardings of {'params', 'batch_stats'}, the first argument of `features`."""
+    return {'params': self.state_shardings.params,
+            'batch_stats': self.state_shardings.batch_stats}
+
+
+def build(config, mesh, total_steps: int) -> Programs:
+  """The model, optimizer, state shardings and jitted functions of `config` on `mesh`."""
+  model = models.build_model(config)
+  tx = optim.make_optimizer(config, total_steps)
+
+  def boxed_init(seed):
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+    variables = model.init(init_rng, *_dummy_views(config), train=False)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                      batch_stats=variables.get('batch_stats', {}),
+                      opt_state=tx.init(variables['params']), rng=state_rng)
+
+  with nn.logical_axis_rules(sharding_lib.DEFAULT_RULES):
+    boxed = jax.eval_shape(boxed_init, jax.ShapeDtypeStruct((), jnp.int32))
+    state_shardings = sharding_lib.logical_to_sharding(boxed, mesh)
+  # The shardings tree is a prefix of the state (optax's empty MaskedNodes get one too).
+  abstract_state = jax.tree.map(
+      lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+      if isinstance(x, jax.ShapeDtypeStruct) else x, state_shardings, _unbox(boxed))
+
+  batch = sharding_lib.batch_sharding(mesh)
+  replicated = sharding_lib.replicated(mesh)
+  init = jax.jit(lambda seed: _unbox(boxed_init(seed)), out_shardings=state_shardings)
+  step = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
+                 in_shardings=(state_shardings, batch),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+  variable_shardings = {'params': state_shardings.params,
+                        'batch_stats': state_shardings.batch_stats}
+  features = jax.jit(
+      lambda variables, images: model.apply(variables, images,
+                                            method=models.LeJEPAModel.features),
+      in_shardings=(variable_shardings, batch), out_shardings=batch)
+  return Programs(model=model, tx=tx, mesh=mesh, abstract_state=abstract_state,
+                  state_shardings=state_shardings, init=init, train_step=step,
+                  features=features)
