@@ -7,8 +7,6 @@ SLURM/Open MPI, or from --coordinator_address/--num_processes/--process_id.
 """
 from __future__ import annotations
 
-import glob
-import importlib.util
 import os
 
 from absl import app
@@ -32,22 +30,6 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 _MULTIPROCESS_ENV = ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE', 'MEGASCALE_COORDINATOR_ADDRESS',
                      'TPU_WORKER_HOSTNAMES')
-
-
-def _skip_absent_tpu() -> None:
-  """With libtpu installed (the `tpu` extra) on a machine without TPU or GPU, use the CPU.
-
-  Otherwise JAX probes for a TPU first and libtpu prints pages of warnings.
-  PCI vendor ids: 0x1ae0 Google (TPU), 0x10de NVIDIA, 0x1002 AMD (GPU).
-  """
-  if 'JAX_PLATFORMS' in os.environ or importlib.util.find_spec('libtpu') is None:
-    return
-  vendors = set()
-  for path in glob.glob('/sys/bus/pci/devices/*/vendor'):
-    with open(path) as f:
-      vendors.add(f.read().strip())
-  if not vendors & {'0x1ae0', '0x10de', '0x1002'}:
-    jax.config.update('jax_platforms', 'cpu')
 
 
 def _maybe_initialize_distributed() -> None:
@@ -77,7 +59,6 @@ class _QuietLibraries:
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  _skip_absent_tpu()
   if _CPU_DEVICES.value:
     jax.config.update('jax_num_cpu_devices', _CPU_DEVICES.value)
   if _COORDINATOR.value:

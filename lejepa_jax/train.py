@@ -111,9 +111,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   workdir = epath.Path(workdir)
   mesh = sharding_lib.make_mesh(config.get('mesh'))
   dp = sharding_lib.data_parallel_size(mesh)
-  if config.batch_size % dp or config.batch_size % jax.process_count():
-    raise ValueError(f'batch_size {config.batch_size} must divide by the data-parallel size {dp} '
-                     f'and the process count {jax.process_count()}')
+  for key, value in (('batch_size', config.batch_size), ('eval.batch_size', config.eval.batch_size)):
+    if value % dp or value % jax.process_count():
+      raise ValueError(f'{key}={value} must divide by the data-parallel size {dp} '
+                       f'and the process count {jax.process_count()}')
   logging.info('mesh %s over %d devices, %d processes', dict(mesh.shape), jax.device_count(),
                jax.process_count())
 

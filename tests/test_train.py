@@ -131,6 +131,10 @@ def test_bad_config_fails_early_naming_the_key(tmp_path):
   with pytest.raises(ValueError, match='batch_size'):
     train.train_and_evaluate(c, str(tmp_path))
   c = fmnist.get_config('runlocal')
+  c.eval.batch_size = 1001    # features are sharded over the 8 devices too
+  with pytest.raises(ValueError, match='eval.batch_size'):
+    train.train_and_evaluate(c, str(tmp_path))
+  c = fmnist.get_config('runlocal')
   c.data.dir = str(tmp_path / 'missing')
   with pytest.raises(FileNotFoundError, match='dataset-fashion-mnist'):
     train.train_and_evaluate(c, str(tmp_path))
