@@ -20,6 +20,16 @@ def get_config(arg=None):
   c.loss_convention = 'convex'    # (1 - lamb) * inv + lamb * sigreg, as the paper
   c.log_every = 100
   c.checkpoint_every = 500
+  # Checkpointing (asynchronous Orbax saves; a rerun on the workdir resumes from the newest
+  # readable one). Flat keys beside checkpoint_every, which DESIGN.md fixes at the top level.
+  c.checkpoint_max_to_keep = 2      # the newest N checkpoints are kept...
+  c.checkpoint_keep_every = 0       # ...and for good every step % N == 0 (0: none)
+  # Non-finite loss terms or gradients, detected on device every step: 'stop' ends the run
+  # naming the step, the term and the last good checkpoint (nothing non-finite is saved);
+  # 'skip' drops that update (params, optimizer and BatchNorm state unchanged), counts it in
+  # train/skipped_steps and stops after nonfinite_max_skips dropped steps in a row.
+  c.nonfinite = 'stop'
+  c.nonfinite_max_skips = 10
   c.mesh = {'data': -1, 'fsdp': 1, 'tensor': 1}
 
   c.sigreg = ml_collections.ConfigDict()

@@ -47,6 +47,11 @@ def imagenet_vit(variant: str, patch_size: int, *, epochs: float, batch_size: in
   c.loss_convention = 'convex'       # (1 - lamb) * inv + lamb * sigreg, as the paper
   c.log_every = 50
   c.checkpoint_every = 2000
+  # Asynchronous Orbax saves; see configs/fmnist.py for the meaning of these keys.
+  c.checkpoint_max_to_keep = 2
+  c.checkpoint_keep_every = 10000    # ~6 permanent checkpoints over 100 epochs, for later probes
+  c.nonfinite = 'stop'               # or 'skip' (drop non-finite updates, count them)
+  c.nonfinite_max_skips = 10
   c.mesh = {'data': 1, 'fsdp': -1, 'tensor': 1}   # FSDP over the whole slice
 
   c.sigreg = ml_collections.ConfigDict()

@@ -1,8 +1,19 @@
 """Orbax checkpoints of everything the next step depends on.
 
-Items: 'state' (params, optimizer state, BatchNorm statistics, step, RNG key;
-sharded arrays saved and restored in place) and 'data' (the Grain iterator
-position, one small file per process).
+Items: 'state' (params, optimizer state, BatchNorm statistics, step, non-finite
+counters, RNG key; sharded arrays saved and restored in place) and 'data' (the Grain
+iterator position, one small file per process).
+
+Saves are asynchronous: `save` returns once the arrays are copied off the devices (the
+state may then be donated to the next step) and Orbax writes them in a background
+thread. A checkpoint is written to `STEP.orbax-checkpoint-tmp` and renamed to `STEP`
+when complete, so a killed run never leaves a half-written `STEP`. Orbax waits for the
+previous save before starting the next; call `mngr.wait_until_finished()` at the end.
+
+Restore goes straight into the target shardings of `abstract_state`, so a run resumes
+onto another mesh or device count. An unreadable newest checkpoint (truncated or
+missing file) is reported with its path and the one before it is used; the unreadable
+one is moved aside to WORKDIR/checkpoints_unreadable/ (nothing is deleted).
 """
 from __future__ import annotations
 
@@ -10,7 +21,12 @@ from absl import logging
 from etils import epath
 import grain
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+UNREADABLE = 'checkpoints_unreadable'
 
 
 def directory(workdir) -> epath.Path:
@@ -23,42 +39,102 @@ def directory(workdir) -> epath.Path:
   return (path if path.is_absolute() else path.absolute()) / 'checkpoints'
 
 
-def manager(workdir, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                         enable_async_checkpointing=False)
+def manager(workdir, *, max_to_keep: int = 2, keep_every: int = 0,
+            asynchronous: bool = True) -> ocp.CheckpointManager:
+  """Keeps the newest `max_to_keep` checkpoints, and for good every step % keep_every == 0."""
+  policies = [checkpoint_managers.LatestN(max_to_keep)]
+  if keep_every:
+    policies.append(checkpoint_managers.EveryNSteps(keep_every))
+  options = ocp.CheckpointManagerOptions(
+      create=True, enable_async_checkpointing=asynchronous,
+      preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies))
   return ocp.CheckpointManager(
       directory(workdir), options=options,
       item_handlers={'state': ocp.StandardCheckpointHandler(),
                      'data': grain.checkpoint.CheckpointHandler()})
 
 
+def step_path(mngr: ocp.CheckpointManager, step: int) -> epath.Path:
+  return epath.Path(mngr.directory) / str(step)
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator) -> None:
+  """Starts writing `step` (after the previous save has finished); returns once the arrays
+  and the iterator position are captured, so training may go on (and donate `state`)."""
+  mngr.wait_until_finished()
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
-  mngr.wait_until_finished()
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _short(e: Exception, limit: int = 400) -> str:
+  text = f'{type(e).__name__}: {e}'.replace('\n', ' ')
+  return text if len(text) <= limit else text[:limit] + '...'
+
+
+def _set_aside(mngr: ocp.CheckpointManager, steps) -> None:
+  """Moves unreadable checkpoints out of the manager's directory (a rerun saves those steps
+  again); process 0 moves, the others wait for it."""
+  if jax.process_index() == 0:
+    aside = epath.Path(mngr.directory).parent / UNREADABLE
+    aside.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+      target, n = aside / str(step), 1
+      while target.exists():
+        target, n = aside / f'{step}.{n}', n + 1
+      step_path(mngr, step).rename(target)
+      logging.warning('moved unreadable checkpoint %s to %s (kept for inspection; delete it '
+                      'when done)', step_path(mngr, step), target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('lejepa_jax: unreadable checkpoints set aside')
+  mngr.reload()
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator):
-  """(state, step) from the latest checkpoint, or (None, 0) when there is none.
+  """(state, step) from the newest readable checkpoint, or (None, 0) when there is none.
 
   `abstract_state` holds jax.ShapeDtypeStruct leaves with the target shardings;
-  `data_iterator` is rewound in place.
+  `data_iterator` is rewound in place. Unreadable checkpoints newer than the one restored
+  are reported with their paths and moved aside; when none is readable a RuntimeError
+  lists them all and nothing is moved or deleted.
+
+  Multi-process: every process must reach the same verdict. A file that only one process
+  reads (its own shards) can fail there alone; Orbax's restore barrier then makes the
+  others wait for its timeout before they fail too.
   """
-  step = mngr.latest_step()
-  if step is None:
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
     return None, 0
-  try:
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
-  except Exception as e:
-    raise RuntimeError(
-        f'could not restore checkpoint step {step} in {mngr.directory}: {e}. If the config '
-        f'changed (model size, optimizer), use a new --workdir; if the checkpoint is corrupt, '
-        f'move {mngr.directory}/{step} away to resume from the previous one.') from e
-  logging.info('restored checkpoint at step %d from %s', step, mngr.directory)
-  return restored.state, step
+  unreadable = []
+  for step in steps:
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      ok, error = True, None
+    except Exception as e:  # pylint: disable=broad-except  (any failure: try the one before)
+      ok, error = False, e
+    if not _all_processes_agree(ok):
+      reason = _short(error) if error else 'another process could not read it'
+      logging.warning('checkpoint %s is unreadable (%s); trying the one before it',
+                      step_path(mngr, step), reason)
+      unreadable.append((step, reason))
+      continue
+    if unreadable:
+      _set_aside(mngr, [s for s, _ in unreadable])
+    logging.info('restored checkpoint at step %d from %s', step, mngr.directory)
+    return restored.state, step
+  listing = '; '.join(f'{step_path(mngr, s)}: {reason}' for s, reason in unreadable)
+  raise RuntimeError(
+      f'no readable checkpoint in {mngr.directory} (nothing was moved or deleted): {listing}. '
+      f'If the config changed (model size, optimizer), use a new --workdir; if they are '
+      f'corrupt, move them away to start afresh.')
 
 
 def abstract_like(state):

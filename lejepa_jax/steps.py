@@ -35,6 +35,8 @@ class TrainState:
   batch_stats: dict
   opt_state: optax.OptState
   rng: jax.Array          # base key; per-step keys are fold_in(rng, step)
+  skipped_steps: jax.Array = None     # int32: updates dropped as non-finite (nonfinite='skip')
+  nonfinite_streak: jax.Array = None  # int32: of those, how many in a row up to this step
 
 
 def regulariser_options(sigreg_config) -> dict:
@@ -73,8 +75,23 @@ def abstract_images(config, mesh, batch_size: int) -> jax.ShapeDtypeStruct:
                               jnp.float32, sharding=sharding_lib.batch_sharding(mesh))
 
 
+NONFINITE_POLICIES = ('stop', 'skip')
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def train_step(state: TrainState, batch: dict, *, model, tx, config):
-  """One LeJEPA update on a global multi-crop batch; returns (state, metrics)."""
+  """One LeJEPA update on a global multi-crop batch; returns (state, metrics).
+
+  Non-finite values are found on device, with no host synchronisation: the metrics carry
+  'train/finite' (loss terms and all gradients finite) and 'train/grads_finite' for the
+  loop to read when it logs. With config.nonfinite == 'skip' a non-finite step leaves
+  params, optimizer state and BatchNorm statistics as they were (the step counter and
+  the data still advance) and counts it in state.skipped_steps / nonfinite_streak, which
+  the metrics report as 'train/skipped_steps' and 'train/nonfinite_streak'.
+  """
   key = jax.random.fold_in(state.rng, state.step)
   num_global = config.data.num_global_views
 
@@ -98,8 +115,21 @@ def train_step(state: TrainState, batch: dict, *, model, tx, config):
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   aux['grad_norm'] = optax.tree.norm({k: v for k, v in grads.items() if k != 'probe'})
+  grads_finite = _all_finite(grads)
+  finite = grads_finite & jnp.isfinite(aux['loss']) & jnp.isfinite(aux['probe_loss'])
+  aux['finite'], aux['grads_finite'] = finite, grads_finite
+  skipped, streak = state.skipped_steps, state.nonfinite_streak
+  if config.get('nonfinite', 'stop') == 'skip':
+    def keep_if_bad(new, old):
+      return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params = keep_if_bad(params, state.params)
+    opt_state = keep_if_bad(opt_state, state.opt_state)
+    batch_stats = keep_if_bad(batch_stats, state.batch_stats)
+    bad = (~finite).astype(jnp.int32)
+    skipped, streak = skipped + bad, (streak + 1) * bad
+    aux['skipped_steps'], aux['nonfinite_streak'] = skipped, streak
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state)
+                            opt_state=opt_state, skipped_steps=skipped, nonfinite_streak=streak)
   return new_state, {f'train/{k}': v for k, v in aux.items()}
 
 
@@ -145,7 +175,9 @@ def build(config, mesh, total_steps: int) -> Programs:
     variables = model.init(init_rng, *_dummy_views(config), train=False)
     return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
                       batch_stats=variables.get('batch_stats', {}),
-                      opt_state=tx.init(variables['params']), rng=state_rng)
+                      opt_state=tx.init(variables['params']), rng=state_rng,
+                      skipped_steps=jnp.zeros((), jnp.int32),
+                      nonfinite_streak=jnp.zeros((), jnp.int32))
 
   with nn.logical_axis_rules(sharding_lib.DEFAULT_RULES):
     boxed = jax.eval_shape(boxed_init, jax.ShapeDtypeStruct((), jnp.int32))

@@ -2,9 +2,11 @@
 
 Reading order: `train_and_evaluate` builds the mesh and the data, gets the
 model, state layout and jitted functions from `steps.build` (the same ones
-`plan` compiles), then loops over `steps.train_step` (the sharded update),
-logging and checkpointing; `evaluate` runs the frozen linear probe and k-NN
-on sharded features at the end.
+`plan` compiles), then `_train` restores the newest readable checkpoint and loops
+over `steps.train_step` (the sharded update), logging, checking for non-finite
+values (`_FiniteGuard`, on the flags the step computes on device) and saving
+asynchronously, until the end or a preemption notice (`preemption.Watcher`);
+`evaluate` runs the frozen linear probe and k-NN on sharded features at the end.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from lejepa_jax import checkpoint as ckpt_lib
 from lejepa_jax import losses
 from lejepa_jax import metrics as metrics_lib
 from lejepa_jax import optim
+from lejepa_jax import preemption
 from lejepa_jax import sharding as sharding_lib
 from lejepa_jax import sigreg
 from lejepa_jax import stats
@@ -48,6 +51,12 @@ def validate(config) -> None:
     problems.append('data.num_global_views must be >= 1 (the invariance centre)')
   if config.checkpoint_every < 1 or config.log_every < 1:
     problems.append('checkpoint_every and log_every must be >= 1')
+  if config.get('checkpoint_max_to_keep', 2) < 1 or config.get('checkpoint_keep_every', 0) < 0:
+    problems.append('checkpoint_max_to_keep must be >= 1 and checkpoint_keep_every >= 0 (0: none)')
+  if config.get('nonfinite', 'stop') not in steps.NONFINITE_POLICIES:
+    problems.append(f'nonfinite={config.nonfinite!r}: one of {steps.NONFINITE_POLICIES}')
+  if config.get('nonfinite_max_skips', 10) < 1:
+    problems.append('nonfinite_max_skips must be >= 1')
   if problems:
     raise ValueError('bad config: ' + '; '.join(problems))
 
@@ -102,20 +111,129 @@ def _head(source, n):
   return np.stack([r['image'] for r in records]), np.array([r['label'] for r in records])
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+class _FiniteGuard:
+  """Reads the per-step non-finite flags of the train step when the loop syncs anyway.
+
+  nonfinite='stop': the first non-finite step ends the run, naming the step, the terms
+  and the last good checkpoint (the check runs before every save, so no non-finite state
+  is ever written). nonfinite='skip': the step already dropped the update in-graph; this
+  logs it and ends the run once nonfinite_max_skips steps in a row were dropped.
+  """
+  TERMS = ('inv', 'sigreg', 'loss', 'probe_loss')
+
+  def __init__(self, config, mngr):
+    self.policy = config.get('nonfinite', 'stop')
+    self.max_skips = int(config.get('nonfinite_max_skips', 10))
+    self.mngr = mngr
+
+  def _terms(self, m) -> str:
+    bad = [f'{t}={m[f"train/{t}"]}' for t in self.TERMS if not np.isfinite(m[f'train/{t}'])]
+    if not m['train/grads_finite']:
+      bad.append('grads')
+    return ', '.join(bad) or 'grads'
+
+  def _last_good(self) -> str:
+    self.mngr.wait_until_finished()
+    step = self.mngr.latest_step()
+    if step is None:
+      return 'no checkpoint was written yet'
+    return f'the last good checkpoint is step {step}, {ckpt_lib.step_path(self.mngr, step)}'
+
+  def check(self, history) -> None:
+    """history: [(step, host metrics)] since the last check, in step order."""
+    for step, m in history:
+      if m['train/finite']:
+        continue
+      if self.policy == 'stop':
+        raise FloatingPointError(
+            f'non-finite values at step {step}: {self._terms(m)} (nonfinite=stop); '
+            f'{self._last_good()} and nothing non-finite was saved. Lower optim.lr, raise '
+            f'optim.warmup_steps or set optim.clip_norm; or set nonfinite=skip to drop such updates.')
+      streak = int(m['train/nonfinite_streak'])
+      logging.warning('step %d: non-finite %s; update dropped (%d in a row, %d in total)',
+                      step, self._terms(m), streak, int(m['train/skipped_steps']))
+      if streak >= self.max_skips:
+        raise FloatingPointError(
+            f'{streak} non-finite steps in a row, the last at step {step}: {self._terms(m)} '
+            f'(nonfinite=skip, nonfinite_max_skips={self.max_skips}; their updates were '
+            f'dropped); {self._last_good()}. Lower optim.lr, raise optim.warmup_steps or set '
+            f'optim.clip_norm.')
+
+
+_INTERNAL_METRICS = ('train/finite', 'train/grads_finite', 'train/nonfinite_streak')
+
+
+def _train(config, programs, mesh, data_iter, steps_total, mngr, writer, notice):
+  """Restores (or initialises) the state and trains to steps_total; returns the state.
+
+  The only host-device synchronisation is at logging and checkpoint steps, where the
+  metrics of every step since the last one are read at once (non-finite checks included).
+  """
+  # Restore straight into the target shardings; initialise only when there is nothing to resume.
+  state, start = ckpt_lib.restore_latest(mngr, programs.abstract_state, data_iter)
+  if state is None:
+    state = programs.init(np.int32(config.seed))
+  n_params = sum(x.size for x in jax.tree.leaves(state.params['encoder']))
+  logging.info('encoder parameters: %.2fM; %d steps of %d images', n_params / 1e6,
+               steps_total, config.batch_size)
+  progress = metrics_lib.Progress(steps_total, config.batch_size, start)
+  schedule = optim.schedule(config.optim.lr, steps_total, config.optim.warmup_steps)
+  guard = _FiniteGuard(config, mngr)
+  pending = []       # (step, device metrics) not read yet
+  for step in range(start + 1, steps_total + 1):
+    batch = sharding_lib.to_global_batch(next(data_iter), mesh)
+    state, step_metrics = programs.train_step(state, batch)
+    pending.append((step, step_metrics))
+    preempted = notice.reached(step)
+    log_now = step % config.log_every == 0 or step == steps_total
+    save_now = step % config.checkpoint_every == 0 or step == steps_total or preempted
+    if not (log_now or save_now):
+      continue
+    history = jax.device_get(pending)
+    pending.clear()
+    guard.check(history)       # before any save: a non-finite state is never written
+    if log_now:
+      speed = progress.update(step)
+      scalars = {k: v for k, v in history[-1][1].items() if k not in _INTERNAL_METRICS}
+      scalars.update({'train/lr': float(schedule(step - 1)),
+                      'train/images_per_sec': speed['images_per_sec']})
+      writer.write(step, scalars)
+      metrics_lib.log_line(step, steps_total, {k: scalars[k] for k in (
+          'train/loss', 'train/inv', 'train/sigreg', 'train/probe_top1',
+          'train/images_per_sec')}, speed['eta_sec'])
+    if save_now:
+      ckpt_lib.save(mngr, step, state, data_iter)
+    if preempted:
+      mngr.wait_until_finished()
+      message = (f'[lejepa_jax] preemption notice ({notice.source}): saved the checkpoint of '
+                 f'step {step} to {ckpt_lib.step_path(mngr, step)}; exiting with status 0. '
+                 'Rerun the same command to resume.')
+      logging.warning('%s', message)
+      print(message, flush=True)
+      raise preemption.Preempted(step, message)
+  if start >= steps_total:
+    logging.info('training already finished at step %d; evaluating only', start)
+  return state
+
+
+def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
   """Pretrains (resuming from workdir's latest checkpoint), then evaluates. Returns eval metrics.
 
   `workdir` may be any path etils.epath understands (a local directory, gs://...).
+  `devices` (default: all) are the devices of the mesh; a run resumes on any mesh.
+  On a preemption notice (SIGTERM, or JAX's preemption service on a pod) it saves a
+  checkpoint at the next step boundary, waits for it and raises `preemption.Preempted`
+  (SystemExit with status 0); on non-finite values see `nonfinite` (FloatingPointError).
   """
   validate(config)
   workdir = epath.Path(workdir)
-  mesh = sharding_lib.make_mesh(config.get('mesh'))
+  mesh = sharding_lib.make_mesh(config.get('mesh'), devices)
   dp = sharding_lib.data_parallel_size(mesh)
   for key, value in (('batch_size', config.batch_size), ('eval.batch_size', config.eval.batch_size)):
     if value % dp or value % jax.process_count():
       raise ValueError(f'{key}={value} must divide by the data-parallel size {dp} '
                        f'and the process count {jax.process_count()}')
-  logging.info('mesh %s over %d devices, %d processes', dict(mesh.shape), jax.device_count(),
+  logging.info('mesh %s over %d devices, %d processes', dict(mesh.shape), mesh.devices.size,
                jax.process_count())
 
   train_source = sources.get_source(config.data, config.data.train_split)
@@ -130,37 +248,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
-  mngr = ckpt_lib.manager(workdir)
+  mngr = ckpt_lib.manager(workdir, max_to_keep=config.get('checkpoint_max_to_keep', 2),
+                          keep_every=config.get('checkpoint_keep_every', 0))
 
   with sharding_lib.activate(mesh):
-    # Restore straight into the target shardings; initialise only when there is nothing to resume.
-    state, start = ckpt_lib.restore_latest(mngr, programs.abstract_state, data_iter)
-    if state is None:
-      state = programs.init(np.int32(config.seed))
-    n_params = sum(x.size for x in jax.tree.leaves(state.params['encoder']))
-    logging.info('encoder parameters: %.2fM; %d steps of %d images', n_params / 1e6,
-                 steps_total, config.batch_size)
-    progress = metrics_lib.Progress(steps_total, config.batch_size, start)
-    schedule = optim.schedule(config.optim.lr, steps_total, config.optim.warmup_steps)
-    for step in range(start + 1, steps_total + 1):
-      batch = sharding_lib.to_global_batch(next(data_iter), mesh)
-      state, step_metrics = programs.train_step(state, batch)
-      if step % config.log_every == 0 or step == steps_total:
-        speed = progress.update(step)
-        scalars = {**jax.device_get(step_metrics), 'train/lr': float(schedule(step - 1)),
-                   'train/images_per_sec': speed['images_per_sec']}
-        if not np.isfinite(scalars['train/loss']):
-          raise FloatingPointError(f'loss is {scalars["train/loss"]} at step {step}; '
-                                   'lower optim.lr or raise optim.warmup_steps')
-        writer.write(step, scalars)
-        metrics_lib.log_line(step, steps_total, {k: scalars[k] for k in (
-            'train/loss', 'train/inv', 'train/sigreg', 'train/probe_top1',
-            'train/images_per_sec')}, speed['eta_sec'])
-      if step % config.checkpoint_every == 0 or step == steps_total:
-        ckpt_lib.save(mngr, step, state, data_iter)
-    if start >= steps_total:
-      logging.info('training already finished at step %d; evaluating only', start)
-
+    with preemption.Watcher(config.log_every) as notice:
+      try:
+        state = _train(config, programs, mesh, data_iter, steps_total, mngr, writer, notice)
+      except BaseException:
+        # Preempted, non-finite, interrupted...: an in-flight save still completes (and is
+        # renamed into place) before the exception leaves.
+        mngr.wait_until_finished()
+        writer.close()
+        mngr.close()
+        raise
+    mngr.wait_until_finished()
     results = evaluate(config, programs, state)
   writer.write(steps_total, {f'eval/{k}': v for k, v in results.items()})
   writer.close()
