@@ -4,16 +4,24 @@ Flags only; the loop lives in `lejepa_jax.train.train_and_evaluate`.
 Multi-process runs (TPU pods, GPU clusters, gloo on CPU) call
 `jax.distributed.initialize` first: automatically on TPU pods and under
 SLURM/Open MPI, or from --coordinator_address/--num_processes/--process_id.
+
+Bad config values (unknown keys on the command line or in the config file included) and
+missing or malformed data fail before anything compiles or touches the workdir: one line
+`[lejepa_jax] error: ...` on stderr naming the key or the path and what to do, exit status 2.
 """
 from __future__ import annotations
 
 import os
+import re
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
+
+from lejepa_jax import config_schema
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/NAME.py[:ARGS]).',
                                           lock_config=True)
@@ -56,6 +64,51 @@ class _QuietLibraries:
                    for p in self.PREFIXES)
 
 
+EXIT_BAD_INPUT = 2
+
+
+def _fail(message: str) -> None:
+  """One line on stderr, exit status 2: the fix is in the message, a traceback adds nothing."""
+  sys.stderr.write(f'[lejepa_jax] error: {message}\n')
+  sys.stderr.flush()
+  sys.exit(EXIT_BAD_INPUT)
+
+
+def _override_keys(argv) -> list[str]:
+  """The KEY of every --config.KEY=VALUE (or --config.KEY VALUE) argument."""
+  return [a[len('--config.'):].partition('=')[0] for a in argv if a.startswith('--config.')]
+
+
+def _unknown_override_message(argv, error) -> str:
+  """--config.KEY naming a key the config does not have (lock_config=True refuses it)."""
+  problems = []
+  for key in _override_keys(argv):
+    free = next((f for f in config_schema.FREE_FORM if key.startswith(f + '.')), None)
+    if key not in config_schema.KEYS and not free:
+      problems.append(f'--config.{config_schema.describe_unknown(key)}')
+  if problems:
+    return 'bad command line: ' + '; '.join(problems)
+  config_arg = next((a for a in argv if a.startswith('--config=')), '--config=...')
+  overrides = _override_keys(argv)
+  keys = [k for k in overrides if k.split('.')[-1] in str(error)] or overrides
+  guess = re.search(r'Did you mean "([^"]+)"', str(error))   # ml_collections' suggestion
+  hint = ''
+  if guess and len(keys) == 1:
+    section = keys[0].rpartition('.')[0]
+    hint = f' (did you mean {section + "." if section else ""}{guess.group(1)}?)'
+  return (f'bad command line: --config.{" / --config.".join(keys)}{hint}: the config file '
+          f'({config_arg[len("--config="):]}) does not set this key, and --config.KEY can only '
+          'change keys the file sets: fix the name, or add the key to the config file (what it '
+          f'does and its default: {config_schema.SCHEMA_FILE})')
+
+
+def _parse_flags(argv):
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:   # ml_collections: --config.KEY the config lacks
+    _fail(_unknown_override_message(argv, e))
+
+
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -69,8 +122,12 @@ def main(argv):
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())
   from lejepa_jax import train  # after distributed init: importing is cheap, devices are not
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  from lejepa_jax.data import sources
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (train.ConfigError, sources.DataError) as e:
+    _fail(str(e))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -112,10 +112,14 @@ def reference(tmp_path_factory, env):
           'eval': [l for l in lines if 'eval/knn_top1' in l]}
 
 
-def _assert_resumed_like_reference(workdir, reference, resumed_from, lines_before):
-  lines = _metric_lines(workdir)[lines_before:]
+def _assert_resumed_like_reference(workdir, reference, resumed_from, kept_lines):
+  """Lines up to the checkpoint are kept as they were; every step after it is logged once."""
+  lines = _metric_lines(workdir)
+  assert [l for l in lines if l['step'] <= resumed_from] == kept_lines
+  lines = [l for l in lines if l['step'] > resumed_from]
   train_lines = _train_lines(lines)
   assert sorted(train_lines) == list(range(resumed_from + 1, STEPS + 1))
+  assert len([l for l in lines if 'train/loss' in l]) == len(train_lines)   # no duplicates
   for step, values in train_lines.items():
     assert values == reference['train'][step], step     # every key, to the bit
   assert [l for l in lines if 'eval/knn_top1' in l] == reference['eval']
@@ -132,13 +136,14 @@ def test_sigkill_after_a_checkpoint_resumes_to_the_bit(tmp_path, env, reference)
   assert killed is not None and rc == -signal.SIGKILL, (kill_at, out[-3000:])
   on_disk = _finalized_steps(workdir)
   assert on_disk and max(on_disk) < STEPS, on_disk
-  lines_before = len(_metric_lines(workdir))
+  lines_before = _metric_lines(workdir)
 
   rc, out, _ = _run(env, workdir)
   assert rc == 0, out[-3000:]
   resumed_from = int(re.search(r'restored checkpoint at step (\d+)', out).group(1))
   assert resumed_from == max(on_disk), (on_disk, out[-3000:])
-  _assert_resumed_like_reference(workdir, reference, resumed_from, lines_before)
+  _assert_resumed_like_reference(workdir, reference, resumed_from,
+                                 [l for l in lines_before if l['step'] <= resumed_from])
 
 
 def test_sigterm_checkpoints_at_the_next_step_exits_0_and_resumes_to_the_bit(tmp_path, env,
@@ -157,7 +162,7 @@ def test_sigterm_checkpoints_at_the_next_step_exits_0_and_resumes_to_the_bit(tmp
   rc, out, _ = _run(env, workdir)
   assert rc == 0, out[-3000:]
   assert f'restored checkpoint at step {stopped}' in out
-  _assert_resumed_like_reference(workdir, reference, stopped, len(lines))
+  _assert_resumed_like_reference(workdir, reference, stopped, lines)
 
 
 # ---------------------------------------------------------------- in-process runs
