@@ -80,6 +80,7 @@ def imagenet_vit(variant: str, patch_size: int, *, epochs: float, batch_size: in
   d.eval_crop_fraction = 0.875
   d.num_threads = 16
   d.prefetch = 4
+  d.verify_images = 'auto'           # folder source only: header-check the images first
   d.num_workers = 32
   d.augment = a = ml_collections.ConfigDict()
   a.flip_prob = 0.5
