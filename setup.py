@@ -10,7 +10,7 @@ setup(
         'jax>=0.8,<0.11',
         'flax>=0.11,<0.13',
         'optax>=0.2.5',
-        'orbax-checkpoint>=0.11,<0.13',
+        'orbax-checkpoint>=0.12,<0.13',
         'grain>=0.2.12,<0.3',
         'ml-collections>=1.0',
         'absl-py',
@@ -23,5 +23,9 @@ setup(
         'test': ['pytest>=8', 'chex>=0.1.90', 'scipy>=1.11', 'portpicker'],
         # benchmarks/sigreg.py compares against the reference algorithm in PyTorch.
         'bench': ['torch==2.13.0'],
+        # python -m lejepa_jax.plan compiles for TPU slices with libtpu's compile-only devices
+        # (no TPU needed); gcsfs lets etils.epath reach gs:// without TensorFlow;
+        # google-cloud-storage lets tensorboardX write event files to gs://.
+        'tpu': ['jax[tpu]>=0.8,<0.11', 'gcsfs', 'google-cloud-storage'],
     },
 )

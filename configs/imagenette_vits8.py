@@ -5,7 +5,7 @@ Settings (REFERENCE.md): lambda 0.02, V = 4 views of one size (128 px; here 4 gl
 views, no local ones, so the invariance centre is the mean of all four), projector to
 16 dims, AdamW lr 2e-3, weight decay 0.05, batch 256, 256 slices, 17 knots, bf16.
 Data: TFDS `imagenette` prepared as array_record under data.dir.
-  python -m lejepa_jax.plan --config=configs/imagenette_vits8.py --devices=1
+  python -m lejepa_jax.plan --config=configs/imagenette_vits8.py --topology=h100 --devices=1
   python -m lejepa_jax.main --config=configs/imagenette_vits8.py --workdir=DIR \\
       --config.data.dir=/path/to/tensorflow_datasets
 Arguments: runlocal (toy size on a CPU), epochs=N (default 800).

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lejepa_jax import losses, optim, sigreg
+from lejepa_jax import losses, optim, sigreg, steps
 
 
 def test_invariance_matches_numpy():
@@ -32,24 +32,24 @@ def test_loss_conventions(convention):
 
 
 def test_configured_statistic_reaches_the_loss():
-  from lejepa_jax import stats, train
+  from lejepa_jax import stats
   import ml_collections
   proj = jax.random.normal(jax.random.key(2), (3, 64, 8)) * 1.5
   key = jax.random.key(3)
   config = ml_collections.ConfigDict(dict(num_slices=16, t_max=3.0, num_points=17,
                                           quadrature='trapezoid', statistic='anderson_darling',
                                           options={}))
-  _, terms = losses.lejepa_loss(proj[:2], proj, key, lamb=0.1, **train.regulariser_options(config))
+  _, terms = losses.lejepa_loss(proj[:2], proj, key, lamb=0.1, **steps.regulariser_options(config))
   slices = sigreg.random_slices(key, 8, 16)
   expected = np.mean(stats.univariate.anderson_darling(proj @ slices))
   np.testing.assert_allclose(terms['sigreg'], expected, rtol=1e-5)
   config.statistic, config.options = 'bhep', {'beta': 0.5}
-  _, terms = losses.lejepa_loss(proj[:2], proj, key, lamb=0.1, **train.regulariser_options(config))
+  _, terms = losses.lejepa_loss(proj[:2], proj, key, lamb=0.1, **steps.regulariser_options(config))
   np.testing.assert_allclose(terms['sigreg'], np.mean(stats.multivariate.bhep(proj, beta=0.5)),
                              rtol=1e-5)
   config.statistic, config.options = 'epps_pulley', {}
   config.quadrature = 'gauss_hermite'
-  _, terms = losses.lejepa_loss(proj[:2], proj, key, lamb=0.1, **train.regulariser_options(config))
+  _, terms = losses.lejepa_loss(proj[:2], proj, key, lamb=0.1, **steps.regulariser_options(config))
   np.testing.assert_allclose(
       terms['sigreg'], sigreg.sigreg(proj, key, num_slices=16, quadrature_rule='gauss_hermite'),
       rtol=1e-6)
