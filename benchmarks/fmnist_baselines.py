@@ -48,7 +48,7 @@ def main(argv):
   with sharding_lib.activate(mesh):
     state = programs.init(np.int32(config.seed))
     feats = train.extract_features(
-        config, programs, {'params': state.params, 'batch_stats': state.batch_stats})
+        config, programs, steps.variables(state))
     _probe_and_knn(f'random-init ViT ({config.model.variant})', *feats, config, mesh)
 
 

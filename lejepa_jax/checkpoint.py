@@ -39,14 +39,13 @@ def directory(workdir) -> epath.Path:
   return (path if path.is_absolute() else path.absolute()) / 'checkpoints'
 
 
-def manager(workdir, *, max_to_keep: int = 2, keep_every: int = 0,
-            asynchronous: bool = True) -> ocp.CheckpointManager:
+def manager(workdir, *, max_to_keep: int = 2, keep_every: int = 0) -> ocp.CheckpointManager:
   """Keeps the newest `max_to_keep` checkpoints, and for good every step % keep_every == 0."""
   policies = [checkpoint_managers.LatestN(max_to_keep)]
   if keep_every:
     policies.append(checkpoint_managers.EveryNSteps(keep_every))
   options = ocp.CheckpointManagerOptions(
-      create=True, enable_async_checkpointing=asynchronous,
+      create=True, enable_async_checkpointing=True,
       preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies))
   return ocp.CheckpointManager(
       directory(workdir), options=options,
@@ -135,9 +134,3 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator):
       f'no readable checkpoint in {mngr.directory} (nothing was moved or deleted): {listing}. '
       f'If the config changed (model size, optimizer), use a new --workdir; if they are '
       f'corrupt, move them away to start afresh.')
-
-
-def abstract_like(state):
-  """Shape, dtype and sharding of every array of `state` (a restore target)."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      state)

@@ -21,14 +21,13 @@ class MetricWriter:
   (it stays small: one line per logged step).
 
   A run resumed from the checkpoint of step S logs steps S+1... again, so `resume(S)`
-  (or `resume_step=S`) first drops the lines with step > S that the interrupted run had
+  first drops the lines with step > S that the interrupted run had
   written after that checkpoint, keeping every line up to S (and any line that is not a
   JSON object with a step; a last line cut short by a kill goes too), and has TensorBoard
   purge its events after S.
   """
 
-  def __init__(self, workdir, enabled: bool = True, tensorboard: bool = True,
-               resume_step: int | None = None):
+  def __init__(self, workdir, enabled: bool = True, tensorboard: bool = True):
     self.enabled = enabled
     self._tb = None
     self._tensorboard = tensorboard
@@ -42,8 +41,6 @@ class MetricWriter:
     self._appendable = '://' not in str(workdir)
     self._lines = [] if self._appendable or not self._path.exists() else \
         self._path.read_text().splitlines(keepends=True)
-    if resume_step is not None:
-      self.resume(resume_step)
 
   def resume(self, step: int) -> int:
     """Drops the lines with step > `step` (a resumed run writes them again); returns how many.

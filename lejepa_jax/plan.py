@@ -447,7 +447,7 @@ def assess(config, devices, *, total_steps: int, usable: int, sizes=None,
                   '; --search compiles them')
     return out
   out.state_bytes = per_chip_bytes(state)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  variables = steps.variables(state)
   jobs = [('train_step', programs.train_step, (state, batch))]
   feature_sets = None
   if with_eval:
@@ -547,7 +547,7 @@ def exact_flops(config, *, total_steps: int, depth: int, names=('train_step', 'f
     mesh = sharding_lib.make_mesh(c.get('mesh'), devices=jax.devices('cpu')[:1])
     p = steps.build(c, mesh, total_steps)
     s = p.abstract_state
-    v = {'params': s.params, 'batch_stats': s.batch_stats}
+    v = steps.variables(s)
     jobs = {'train_step': (p.train_step, (s, steps.abstract_batch(c, mesh))),
             'features': (p.features, (v, steps.abstract_images(c, mesh, c.eval.batch_size)))}
     with sharding_lib.activate(mesh):

@@ -79,10 +79,6 @@ class Watcher:
     del signum, frame
     self._flag = True     # acted on at the next step boundary
 
-  def notify(self) -> None:
-    """Raises the flag by hand (as SIGTERM does)."""
-    self._flag = True
-
   def reached(self, step: int) -> bool:
     """Whether to checkpoint and exit after `step` (call at every step, on every process)."""
     if self.source == 'jax preemption service':

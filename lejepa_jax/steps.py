@@ -133,6 +133,12 @@ def train_step(state: TrainState, batch: dict, *, model, tx, config):
   return new_state, {f'train/{k}': v for k, v in aux.items()}
 
 
+def variables(state: TrainState) -> dict:
+  """{'params', 'batch_stats'} of a state (arrays, ShapeDtypeStructs or shardings): the
+  first argument of `Programs.features`."""
+  return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
 def _dummy_views(config):
   d = config.data
   g = jnp.zeros((2, d.num_global_views, d.global_size, d.global_size, d.channels))
@@ -157,12 +163,6 @@ class Programs:
   init: Callable[[Any], TrainState]  # seed (int32 scalar) -> sharded state
   train_step: Callable               # (state, batch) -> (state, metrics); donates state
   features: Callable                 # (variables, images (B, H, W, C)) -> (B, F)
-
-  @property
-  def variable_shardings(self) -> dict:
-    """Shardings of {'params', 'batch_stats'}, the first argument of `features`."""
-    return {'params': self.state_shardings.params,
-            'batch_stats': self.state_shardings.batch_stats}
 
 
 def build(config, mesh, total_steps: int) -> Programs:
@@ -193,12 +193,10 @@ def build(config, mesh, total_steps: int) -> Programs:
   step = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
                  in_shardings=(state_shardings, batch),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
-  variable_shardings = {'params': state_shardings.params,
-                        'batch_stats': state_shardings.batch_stats}
   features = jax.jit(
       lambda variables, images: model.apply(variables, images,
                                             method=models.LeJEPAModel.features),
-      in_shardings=(variable_shardings, batch), out_shardings=batch)
+      in_shardings=(variables(state_shardings), batch), out_shardings=batch)
   return Programs(model=model, tx=tx, mesh=mesh, abstract_state=abstract_state,
                   state_shardings=state_shardings, init=init, train_step=step,
                   features=features)

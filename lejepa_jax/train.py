@@ -146,8 +146,7 @@ def extract_features(config, programs: steps.Programs, variables: dict):
 def evaluate(config, programs: steps.Programs, state: steps.TrainState) -> dict:
   """Frozen evaluation on the full test split: linear probe and k-NN top-1, sharded."""
   e = config.eval
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  train_features, test_features = extract_features(config, programs, variables)
+  train_features, test_features = extract_features(config, programs, steps.variables(state))
   n_cls, mesh = config.data.num_classes, programs.mesh
   results = {}
   t = time.perf_counter()

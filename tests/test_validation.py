@@ -293,7 +293,8 @@ def test_metric_writer_drops_lines_past_the_resumed_step(tmp_path):
   path = tmp_path / 'metrics.jsonl'
   with open(path, 'a') as f:
     f.write('{"step": 25, "train/lo')       # killed in the middle of a line
-  w = metrics.MetricWriter(tmp_path, tensorboard=False, resume_step=10)
+  w = metrics.MetricWriter(tmp_path, tensorboard=False)
+  assert w.resume(10) == 3          # steps 15, 20 and the cut-short 25
   w.write(15, {'train/loss': -15})
   assert _lines(path) == [{'step': 5, 'train/loss': 5}, {'step': 10, 'train/loss': 10},
                           {'step': 15, 'train/loss': -15}]
