@@ -18,9 +18,12 @@ setup(
         'tensorboardX>=2.6',
         'tensorflow-datasets>=4.9.8',
         'pillow',
+        'scipy>=1.11',        # Spearman correlation (select), normal quantiles (plots)
+        'matplotlib>=3.7',    # PNG plots written into the workdir
+        'safetensors>=0.4',   # exported encoder weights
     ],
     extras_require={
-        'test': ['pytest>=8', 'chex>=0.1.90', 'scipy>=1.11', 'portpicker'],
+        'test': ['pytest>=8', 'chex>=0.1.90', 'portpicker'],
         # benchmarks/sigreg.py compares against the reference algorithm in PyTorch.
         'bench': ['torch==2.13.0'],
         # python -m lejepa_jax.plan compiles for TPU slices with libtpu's compile-only devices

@@ -134,3 +134,31 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator):
       f'no readable checkpoint in {mngr.directory} (nothing was moved or deleted): {listing}. '
       f'If the config changed (model size, optimizer), use a new --workdir; if they are '
       f'corrupt, move them away to start afresh.')
+
+
+def restore_state(workdir, abstract_state, step: int | None = None):
+  """(state, step) of checkpoint `step` (default: the newest) in WORKDIR/checkpoints, for
+  evaluating or exporting a run without training it: the data-iterator item is not read.
+
+  Raises FileNotFoundError naming the directory (and the steps it holds) when there is no
+  such checkpoint. Opens the directory read-only (nothing is created, moved or deleted).
+  """
+  path = directory(workdir)
+  mngr = ocp.CheckpointManager(
+      path, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+      item_handlers={'state': ocp.StandardCheckpointHandler()})
+  try:
+    available = sorted(mngr.all_steps()) if path.exists() else []
+    if not available:
+      raise FileNotFoundError(f'no checkpoint in {path}: train first (python -m lejepa_jax.main '
+                              f'--config=... --workdir={epath.Path(workdir)})')
+    step = available[-1] if step is None else int(step)
+    if step not in available:
+      raise FileNotFoundError(f'no checkpoint of step {step} in {path}; it holds steps '
+                              f'{available}: pass one of them as --step')
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+    return restored.state, step
+  finally:
+    mngr.close()
+

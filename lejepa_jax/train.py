@@ -23,6 +23,7 @@ from lejepa_jax import losses
 from lejepa_jax import metrics as metrics_lib
 from lejepa_jax import optim
 from lejepa_jax import preemption
+from lejepa_jax import run_config
 from lejepa_jax import sharding as sharding_lib
 from lejepa_jax import sigreg
 from lejepa_jax import stats
@@ -335,6 +336,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
   programs = steps.build(config, mesh, steps_total)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
+    run_config.save(workdir, config)
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   mngr = ckpt_lib.manager(workdir, max_to_keep=config.get('checkpoint_max_to_keep', 2),
                           keep_every=config.get('checkpoint_keep_every', 0))
