@@ -30,6 +30,7 @@ from ml_collections import config_flags
 from lejepa_jax import checkpoint as ckpt_lib
 from lejepa_jax import metrics as metrics_lib
 from lejepa_jax import train
+from lejepa_jax.evaluators import suite
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/fmnist.py:runlocal', 'Config file.')
 _STEPS = flags.DEFINE_integer('steps', 300, 'Training steps per run.')
@@ -61,10 +62,10 @@ def _timed_run(config, checkpoint_every: int) -> dict:
     original_save(*args, **kwargs)
     blocked.append(time.perf_counter() - t)
 
-  original_evaluate = train.evaluate
+  original_evaluate = suite.Runner.__call__
   metrics_lib.MetricWriter.write = write
   ckpt_lib.save = save
-  train.evaluate = lambda *a, **k: {'linear_probe_top1': 0.0, 'knn_top1': 0.0}
+  suite.Runner.__call__ = lambda *a, **k: {'eval/linear_probe_top1': 0.0, 'eval/knn_top1': 0.0}
   try:
     with tempfile.TemporaryDirectory() as workdir:
       start = time.perf_counter()
@@ -73,7 +74,7 @@ def _timed_run(config, checkpoint_every: int) -> dict:
   finally:
     metrics_lib.MetricWriter.write = original_write
     ckpt_lib.save = original_save
-    train.evaluate = original_evaluate
+    suite.Runner.__call__ = original_evaluate
   logged = sorted(written)
   return {'wall': wall, 'steady': written[logged[-1]] - written[logged[0]],
           'saves': len(blocked), 'blocked': sum(blocked[:-1])}

@@ -12,26 +12,25 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-from lejepa_jax import steps, train
+from lejepa_jax import steps
 from lejepa_jax import sharding as sharding_lib
 from lejepa_jax.data import sources
 from lejepa_jax.evaluators import features as features_lib
-from lejepa_jax.evaluators import knn, linear_probe
+from lejepa_jax.evaluators import suite
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/fmnist.py', 'Config file.')
 
 
 def _probe_and_knn(name, train_features, test_features, config, mesh):
-  e = config.eval
+  """The config's linear_probe and knn evaluators (same options as a run's final evaluation)."""
   n_cls = config.data.num_classes
-  lp = linear_probe.evaluate(train_features, test_features, n_cls, mesh=mesh,
-                             lrs=tuple(e.probe_lrs), epochs=e.probe_epochs,
-                             batch_size=e.probe_batch_size, weight_decay=e.probe_weight_decay,
-                             seed=config.seed)
-  kn = knn.evaluate(train_features, test_features, n_cls, mesh=mesh, k=e.knn_k,
-                    temperature=e.knn_temperature)
-  print(f'{name:<28s} linear probe top-1 {lp["linear_probe_top1"]:.4f} (lr {lp["linear_probe_lr"]:g})'
-        f'   k-NN top-1 {kn["knn_top1"]:.4f}', flush=True)
+  out = {}
+  for spec in suite.specs(config, ['linear_probe', 'knn']):
+    evaluate = suite.TYPES[spec.type][0]
+    out.update(evaluate(train_features, test_features, n_cls, mesh=mesh, seed=config.seed,
+                        **spec.options))
+  print(f'{name:<28s} linear probe top-1 {out["linear_probe_top1"]:.4f} '
+        f'(lr {out["linear_probe_lr"]:g})   k-NN top-1 {out["knn_top1"]:.4f}', flush=True)
 
 
 def main(argv):
@@ -47,8 +46,8 @@ def main(argv):
   programs = steps.build(config, mesh, total_steps=1)
   with sharding_lib.activate(mesh):
     state = programs.init(np.int32(config.seed))
-    feats = train.extract_features(
-        config, programs, steps.variables(state))
+    feats = suite.Runner(config, programs, train_source=train_src,
+                         test_source=test_src).features(steps.variables(state), 0)
     _probe_and_knn(f'random-init ViT ({config.model.variant})', *feats, config, mesh)
 
 

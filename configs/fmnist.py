@@ -59,6 +59,7 @@ def get_config(arg=None):
   c.data.num_threads = 2
   c.data.prefetch = 4
   c.data.eval_crop_fraction = 1.0  # 28 px images: evaluate on the whole image
+  c.data.resize_shorter = 0       # folder source: shorter side resized to N px on loading (0: no)
   c.data.verify_images = 'auto'   # folder source: decode-check every file (a sample past 50k)
   c.data.num_workers = 0
   c.data.augment = ml_collections.ConfigDict()
@@ -101,15 +102,19 @@ def get_config(arg=None):
   c.optim.probe_lr = 1e-3
   c.optim.probe_weight_decay = 1e-6
 
-  c.eval = ml_collections.ConfigDict()
+  c.eval = ml_collections.ConfigDict()   # frozen-feature extraction for the evaluators
   c.eval.batch_size = 1000
   c.eval.max_examples = 0         # 0: the full splits
-  c.eval.probe_lrs = (1e-2, 3e-2, 1e-1)
-  c.eval.probe_epochs = 30
-  c.eval.probe_batch_size = 1024
-  c.eval.probe_weight_decay = 1e-6
-  c.eval.knn_k = 20
-  c.eval.knn_temperature = 0.07
+
+  # Evaluators (lejepa_jax/evaluators/suite.py): name -> type, every (0: at the end only),
+  # max_examples (0: eval.max_examples) and the type's options. Each writes eval/NAME_*.
+  c.evals = ml_collections.ConfigDict()
+  c.evals.linear_probe = dict(type='linear_probe', every=0, lrs=(1e-2, 3e-2, 1e-1), epochs=30,
+                              batch_size=1024, weight_decay=1e-6)
+  c.evals.knn = dict(type='knn', every=0, k=20, ks=(10, 20, 50), temperature=0.07)
+  # a cheap curve during training: k-NN on the first 10,000 images of each split
+  c.evals.knn_curve = dict(type='knn', every=500, max_examples=10_000, k=20, temperature=0.07)
+  c.evals.fewshot = dict(type='fewshot', every=0, shots=(1, 5, 10, 25), seeds=3)
 
   if runlocal:
     c.batch_size = 32
@@ -127,6 +132,10 @@ def get_config(arg=None):
     c.model.projector_out = 16
     c.optim.warmup_steps = 5
     c.eval.max_examples = 2000
-    c.eval.probe_lrs = (3e-3,)
-    c.eval.probe_epochs = 5
+    c.evals.linear_probe.lrs = (3e-3,)
+    c.evals.linear_probe.epochs = 5
+    c.evals.knn_curve.every = 10
+    c.evals.knn_curve.max_examples = 500
+    c.evals.fewshot.shots = (1, 5)
+    c.evals.fewshot.seeds = 2
   return c

@@ -40,7 +40,9 @@ def get_config(arg=None):
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 10 * IMAGENETTE_TRAIN_SIZE // c.batch_size
   c.eval.batch_size = 512
-  c.eval.probe_batch_size = 1024
-  c.eval.probe_lrs = (1e-3, 3e-3, 1e-2)
-  c.eval.probe_epochs = 50
+  c.evals.linear_probe.batch_size = 1024
+  c.evals.linear_probe.lrs = (1e-3, 3e-3, 1e-2)
+  c.evals.linear_probe.epochs = 50
+  c.evals.knn_curve.every = 50 * IMAGENETTE_TRAIN_SIZE // c.batch_size
+  c.evals.knn_curve.max_examples = 0
   return vitg.runlocal_of(c) if args.get('runlocal') else c

@@ -81,6 +81,7 @@ def imagenet_vit(variant: str, patch_size: int, *, epochs: float, batch_size: in
   d.num_threads = 16
   d.prefetch = 4
   d.verify_images = 'auto'           # folder source only: header-check the images first
+  d.resize_shorter = 0               # folder source only: shorter side resized on loading (0: no)
   d.num_workers = 32
   d.augment = a = ml_collections.ConfigDict()
   a.flip_prob = 0.5
@@ -122,12 +123,15 @@ def imagenet_vit(variant: str, patch_size: int, *, epochs: float, batch_size: in
   c.eval = e = ml_collections.ConfigDict()
   e.batch_size = 2048
   e.max_examples = 0
-  e.probe_lrs = (1e-4, 3e-4, 1e-3, 3e-3)
-  e.probe_epochs = 20
-  e.probe_batch_size = 4096
-  e.probe_weight_decay = 1e-6
-  e.knn_k = 20
-  e.knn_temperature = 0.07
+  # Evaluators (lejepa_jax/evaluators/suite.py); every: training steps between runs (0: end).
+  c.evals = ml_collections.ConfigDict()
+  c.evals.linear_probe = dict(type='linear_probe', every=0, lrs=(1e-4, 3e-4, 1e-3, 3e-3),
+                              epochs=20, batch_size=4096, weight_decay=1e-6)
+  # every 10 epochs, on 100k training images (a cheap curve to watch; the final one is full)
+  c.evals.knn_curve = dict(type='knn', every=10 * IMAGENET_TRAIN_SIZE // batch_size,
+                           max_examples=100_000, k=20, ks=(10, 20), temperature=0.07)
+  c.evals.knn = dict(type='knn', every=0, k=20, ks=(10, 20, 100), temperature=0.07)
+  c.evals.fewshot = dict(type='fewshot', every=0, shots=(1, 5, 10, 25), seeds=3)
   return c
 
 
@@ -139,6 +143,11 @@ def runlocal_of(config):
   local.model.attention = ''
   local.mesh = dict(config.mesh)
   local.lamb = config.lamb
+  # The same evaluators at the end only, with the toy options of fmnist's evaluator of their type.
+  toy = {entry['type']: dict(entry) for entry in local.evals.values()}
+  local.evals = ml_collections.ConfigDict()
+  for name, entry in config.evals.items():
+    local.evals[name] = {**entry, **toy[entry['type']], 'every': 0, 'max_examples': 0}
   return local
 
 

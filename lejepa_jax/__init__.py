@@ -5,6 +5,16 @@ import os as _os
 
 __version__ = '0.1.0'
 
+__all__ = ['load_encoder']
+
+
+def __getattr__(name):
+  # Lazy: `import lejepa_jax` stays cheap (no JAX, Flax or safetensors until used).
+  if name == 'load_encoder':
+    from lejepa_jax.encoder import load_encoder
+    return load_encoder
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
 
 def _skip_absent_tpu() -> None:
   """With libtpu installed (the `tpu` extra) on a machine without TPU or GPU, use the CPU.

@@ -51,6 +51,8 @@ KEYS: dict[str, tuple[bool, str]] = {
     'data.label_key': (OPTIONAL, "TFDS feature holding the label ['label']"),
     'data.verify_images': (OPTIONAL, "folder source: 'auto' (every file up to 50,000, else a "
                                      "sample of 50,000), 'all' or 'none' [auto]"),
+    'data.resize_shorter': (OPTIONAL, 'folder source: resize on loading so the shorter side has '
+                                      'N pixels [0: keep the size]'),
     'data.train_split': (REQUIRED, 'split to pretrain on (and fit the probes on)'),
     'data.test_split': (REQUIRED, 'split the probes are evaluated on'),
     'data.num_classes': (REQUIRED, 'classes of the probes'),
@@ -103,15 +105,12 @@ KEYS: dict[str, tuple[bool, str]] = {
     # evaluation
     'eval.batch_size': (REQUIRED, 'feature-extraction batch; divisible like batch_size'),
     'eval.max_examples': (OPTIONAL, 'cap per split [0: the full splits]'),
-    'eval.probe_lrs': (REQUIRED, 'learning rates the linear probe sweeps'),
-    'eval.probe_epochs': (REQUIRED, 'linear probe epochs'),
-    'eval.probe_batch_size': (REQUIRED, 'linear probe batch'),
-    'eval.probe_weight_decay': (REQUIRED, 'linear probe weight decay'),
-    'eval.knn_k': (REQUIRED, 'neighbours of the k-NN classifier'),
-    'eval.knn_temperature': (REQUIRED, 'k-NN vote temperature'),
+    'evals': (OPTIONAL, 'free-form dict NAME -> {type, every, max_examples, options...}: the '
+                        'evaluators (lejepa_jax/evaluators/suite.py checks their options) '
+                        '[linear_probe and knn at the end]'),
 }
 
-FREE_FORM = frozenset({'mesh', 'sigreg.options'})
+FREE_FORM = frozenset({'mesh', 'sigreg.options', 'evals'})
 SCHEMA_FILE = 'lejepa_jax/config_schema.py'
 
 

@@ -5,6 +5,7 @@ workdir may be local or a gs:// URL: every access goes through etils.epath.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -122,19 +123,36 @@ def _after(line: str, step: int) -> bool:
 
 
 class Progress:
-  """Images/s and ETA from wall time between reports (first report excludes compile)."""
+  """Images/s, seconds per step, data-wait fraction and ETA from wall time between reports.
+
+  `waited(seconds)` adds time the loop spent blocked on the data (iterator and
+  host-to-device copy); time inside `paused()` (evaluation) counts as neither.
+  """
 
   def __init__(self, total_steps: int, global_batch: int, start_step: int):
     self.total_steps, self.global_batch = total_steps, global_batch
-    self._t, self._step = time.perf_counter(), start_step
+    self._t, self._step, self._wait = time.perf_counter(), start_step, 0.0
+
+  def waited(self, seconds: float) -> None:
+    self._wait += seconds
+
+  @contextlib.contextmanager
+  def paused(self):
+    t = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._t += time.perf_counter() - t
 
   def update(self, step: int) -> dict:
     now = time.perf_counter()
     steps = max(step - self._step, 1)
-    sec_per_step = (now - self._t) / steps
-    self._t, self._step = now, step
-    return {'images_per_sec': self.global_batch / sec_per_step,
-            'eta_sec': sec_per_step * (self.total_steps - step)}
+    wall = max(now - self._t, 1e-9)
+    sec_per_step = wall / steps
+    wait = min(self._wait / wall, 1.0)
+    self._t, self._step, self._wait = now, step, 0.0
+    return {'images_per_sec': self.global_batch / sec_per_step, 'step_seconds': sec_per_step,
+            'data_wait_fraction': wait, 'eta_sec': sec_per_step * (self.total_steps - step)}
 
 
 def log_line(step: int, total: int, scalars: dict, eta_sec: float) -> None:

@@ -262,8 +262,7 @@ def eval_sizes(config, train_size, test_size) -> tuple[int, int] | None:
   n_test = split_size(config, config.data.test_split, test_size)
   if not n_train or not n_test:
     return None
-  cap = config.eval.get('max_examples') or 0
-  return (min(n_train, cap), min(n_test, cap)) if cap else (n_train, n_test)
+  return n_train, n_test          # each evaluator applies its own cap (evaluators.suite.cap)
 
 
 def model_flops(config, encoder, params: int) -> tuple[float, int]:
@@ -454,17 +453,17 @@ def assess(config, devices, *, total_steps: int, usable: int, sizes=None,
     jobs.append(('features', programs.features, (variables, images)))
     if sizes:
       from lejepa_jax.evaluators import features as features_lib
-      from lejepa_jax.evaluators import knn, linear_probe
+      from lejepa_jax.evaluators import suite
       e, dim = config.eval, 2 * programs.model.encoder.width
-      feature_sets = [features_lib.abstract_features(n, e.batch_size, dim, mesh) for n in sizes]
-      train_f, test_f = feature_sets
-      n_cls = config.data.num_classes
-      jobs += linear_probe.programs(train_f, test_f, n_cls, mesh=mesh, lrs=tuple(e.probe_lrs),
-                                    epochs=e.probe_epochs, batch_size=e.probe_batch_size,
-                                    weight_decay=e.probe_weight_decay)
-      jobs += knn.programs(train_f, test_f, n_cls, mesh=mesh, k=e.knn_k,
-                           temperature=e.knn_temperature)
-  # What stays in HBM while the evaluation runs: the train state and the features.
+      by_size = {}       # evaluators with the same cap share one feature extraction
+      for spec in suite.specs(config):
+        cap = suite.cap(config, spec)
+        n = tuple(min(k, cap) if cap else k for k in sizes)
+        if n not in by_size:
+          by_size[n] = [features_lib.abstract_features(k, e.batch_size, dim, mesh) for k in n]
+        jobs += suite.programs(spec, *by_size[n], config.data.num_classes, mesh=mesh)
+      feature_sets = by_size[max(by_size, key=sum)] if by_size else None
+  # What stays in HBM while the evaluation runs: the train state and the (largest) features.
   resident = [state] + ([tuple(f[:2]) for f in feature_sets] if feature_sets else [])
   resident_ids = set().union(*(_ids(t) for t in resident))
   resident_bytes = sum(per_chip_bytes(t) for t in resident)
@@ -504,7 +503,7 @@ def _advice(a: Assessment, usable: int, oom: str = '', worst: str = 'train_step'
   if worst != 'train_step':
     return (f'The train state ({_gib(a.state_bytes)} per chip) and the extracted features stay '
             f'in memory during evaluation; {worst} needs the rest: lower --config.eval.batch_size '
-            '(features) or --config.eval.probe_batch_size (linear probe), or use more chips')
+            '(features) or --config.evals.linear_probe.batch_size (linear probe), or use more chips')
   f = a.functions.get('train_step')
   if f:
     temps = f['temporary']

@@ -26,11 +26,20 @@ def save(workdir, config) -> None:
   tmp.replace(path)
 
 
+def _tuples(value):
+  """JSON has no tuples; configs use them (and --config.KEY overrides only accept tuples)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
 def load(workdir) -> ml_collections.ConfigDict:
-  """The config a run in `workdir` was started with (lists where the file had tuples)."""
+  """The config a run in `workdir` was started with."""
   path = epath.Path(workdir) / FILE
   if not path.exists():
     raise FileNotFoundError(f'{path} does not exist: not a lejepa_jax workdir, or one made '
                             'before configs were stored; pass --config=configs/NAME.py with '
                             'the overrides the run used')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))

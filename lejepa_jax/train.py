@@ -6,7 +6,8 @@ model, state layout and jitted functions from `steps.build` (the same ones
 over `steps.train_step` (the sharded update), logging, checking for non-finite
 values (`_FiniteGuard`, on the flags the step computes on device) and saving
 asynchronously, until the end or a preemption notice (`preemption.Watcher`);
-`evaluate` runs the frozen linear probe and k-NN on sharded features at the end.
+the evaluators of `config.evals` (`evaluators/suite.py`: linear probe, k-NN, few-shot
+on sharded frozen features) run every `every` steps and at the end.
 """
 from __future__ import annotations
 
@@ -30,9 +31,7 @@ from lejepa_jax import stats
 from lejepa_jax import steps
 from lejepa_jax.data import pipeline
 from lejepa_jax.data import sources
-from lejepa_jax.evaluators import features as features_lib
-from lejepa_jax.evaluators import knn
-from lejepa_jax.evaluators import linear_probe
+from lejepa_jax.evaluators import suite
 
 
 class ConfigError(ValueError):
@@ -68,6 +67,7 @@ def validate(config) -> None:
   the workdir is touched.
   """
   problems = config_schema.problems(config)
+  problems += suite.problems(config)
   if problems:   # values of misspelt or missing keys cannot be checked meaningfully
     raise ConfigError('bad config: ' + '; '.join(problems))
   if config.loss_convention not in losses.CONVENTIONS:
@@ -126,47 +126,6 @@ def total_steps(config, train_size: int) -> int:
   raise ConfigError('config needs total_steps or epochs: set --config.total_steps=N')
 
 
-def extract_features(config, programs: steps.Programs, variables: dict):
-  """Frozen features of the train and test splits, as sharded global arrays."""
-  e = config.eval
-  out = []
-  for split in (config.data.train_split, config.data.test_split):
-    source = sources.get_source(config.data, split)
-    if e.get('max_examples'):
-      source = sources.ArraySource(*_head(source, e.max_examples))
-    logging.info('extracting features: %s (%d images)', split, len(source))
-    batches = pipeline.eval_batches(source, config.data,
-                                    local_batch_size=e.batch_size // jax.process_count(),
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count())
-    out.append(features_lib.extract(programs.features, variables, batches, programs.mesh,
-                                    num_batches=-(-len(source) // e.batch_size)))
-  return tuple(out)
-
-
-def evaluate(config, programs: steps.Programs, state: steps.TrainState) -> dict:
-  """Frozen evaluation on the full test split: linear probe and k-NN top-1, sharded."""
-  e = config.eval
-  train_features, test_features = extract_features(config, programs, steps.variables(state))
-  n_cls, mesh = config.data.num_classes, programs.mesh
-  results = {}
-  t = time.perf_counter()
-  results.update(linear_probe.evaluate(
-      train_features, test_features, n_cls, mesh=mesh, lrs=tuple(e.probe_lrs),
-      epochs=e.probe_epochs, batch_size=e.probe_batch_size, weight_decay=e.probe_weight_decay,
-      seed=config.seed))
-  logging.info('linear probe done in %.0fs', time.perf_counter() - t)
-  results.update(knn.evaluate(train_features, test_features, n_cls, mesh=mesh, k=e.knn_k,
-                              temperature=e.knn_temperature))
-  return results
-
-
-def _head(source, n):
-  n = min(n, len(source))
-  records = [source[i] for i in range(n)]
-  return np.stack([r['image'] for r in records]), np.array([r['label'] for r in records])
-
-
 class _FiniteGuard:
   """Reads the per-step non-finite flags of the train step when the loop syncs anyway.
 
@@ -219,11 +178,14 @@ class _FiniteGuard:
 _INTERNAL_METRICS = ('train/finite', 'train/grads_finite', 'train/nonfinite_streak')
 
 
-def _train(config, programs, mesh, data_iter, steps_total, mngr, writer, notice):
+def _train(config, programs, mesh, data_iter, steps_total, mngr, writer, notice, runner):
   """Restores (or initialises) the state and trains to steps_total; returns the state.
 
-  The only host-device synchronisation is at logging and checkpoint steps, where the
-  metrics of every step since the last one are read at once (non-finite checks included).
+  The only host-device synchronisation is at logging, checkpoint and evaluation steps,
+  where the metrics of every step since the last one are read at once (non-finite checks
+  included). Between those, the next batch is read and put on the devices while the
+  step just dispatched runs (JAX dispatches asynchronously); the time spent blocked on
+  the iterator and the host-to-device copy is logged as train/data_wait_fraction.
   """
   # Restore straight into the target shardings; initialise only when there is nothing to resume.
   state, start = ckpt_lib.restore_latest(mngr, programs.abstract_state, data_iter)
@@ -236,15 +198,25 @@ def _train(config, programs, mesh, data_iter, steps_total, mngr, writer, notice)
   progress = metrics_lib.Progress(steps_total, config.batch_size, start)
   schedule = optim.schedule(config.optim.lr, steps_total, config.optim.warmup_steps)
   guard = _FiniteGuard(config, mngr)
-  pending = []       # (step, device metrics) not read yet
-  for step in range(start + 1, steps_total + 1):
+  eval_specs = suite.specs(config)
+
+  def next_batch():
+    t = time.perf_counter()
     batch = sharding_lib.to_global_batch(next(data_iter), mesh)
+    progress.waited(time.perf_counter() - t)
+    return batch
+
+  pending = []       # (step, device metrics) not read yet
+  batch = next_batch() if start < steps_total else None
+  for step in range(start + 1, steps_total + 1):
     state, step_metrics = programs.train_step(state, batch)
     pending.append((step, step_metrics))
     preempted = notice.reached(step)
     log_now = step % config.log_every == 0 or step == steps_total
     save_now = step % config.checkpoint_every == 0 or step == steps_total or preempted
-    if not (log_now or save_now):
+    evals_now = suite.due(eval_specs, step) if step < steps_total else []
+    if not (log_now or save_now or evals_now):
+      batch = next_batch()     # overlaps the step just dispatched
       continue
     history = jax.device_get(pending)
     pending.clear()
@@ -253,12 +225,14 @@ def _train(config, programs, mesh, data_iter, steps_total, mngr, writer, notice)
       speed = progress.update(step)
       scalars = {k: v for k, v in history[-1][1].items() if k not in _INTERNAL_METRICS}
       scalars.update({'train/lr': float(schedule(step - 1)),
-                      'train/images_per_sec': speed['images_per_sec']})
+                      'train/images_per_sec': speed['images_per_sec'],
+                      'train/step_seconds': speed['step_seconds'],
+                      'train/data_wait_fraction': speed['data_wait_fraction']})
       writer.write(step, scalars)
       metrics_lib.log_line(step, steps_total, {k: scalars[k] for k in (
           'train/loss', 'train/inv', 'train/sigreg', 'train/probe_top1',
-          'train/images_per_sec')}, speed['eta_sec'])
-    if save_now:
+          'train/images_per_sec', 'train/data_wait_fraction')}, speed['eta_sec'])
+    if save_now:     # before the next batch is read: the saved iterator matches the state
       ckpt_lib.save(mngr, step, state, data_iter)
     if preempted:
       mngr.wait_until_finished()
@@ -268,9 +242,22 @@ def _train(config, programs, mesh, data_iter, steps_total, mngr, writer, notice)
       logging.warning('%s', message)
       print(message, flush=True)
       raise preemption.Preempted(step, message)
+    if evals_now:
+      with progress.paused():  # evaluation time is not training time
+        results = runner(steps.variables(state), evals_now)
+        writer.write(step, results)
+        _log_results(step, results)
+    if step < steps_total:
+      batch = next_batch()
   if start >= steps_total:
     logging.info('training already finished at step %d; evaluating only', start)
   return state
+
+
+def _log_results(step: int, results: dict) -> None:
+  shown = '  '.join(f'{k[len("eval/"):]}={v:.4f}' for k, v in results.items()
+                    if not k.endswith('_std') and not k.endswith('_lr'))
+  logging.info('step %d evaluation: %s', step, shown)
 
 
 def _check_divisible(config, dp: int, processes: int) -> None:
@@ -325,7 +312,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
   logging.info('mesh %s over %d devices, %d processes', dict(mesh.shape), mesh.devices.size,
                jax.process_count())
   train_source = sources.get_source(config.data, config.data.train_split)
-  _check_data(config, train_source, sources.get_source(config.data, config.data.test_split))
+  test_source = sources.get_source(config.data, config.data.test_split)
+  _check_data(config, train_source, test_source)
   steps_total = total_steps(config, len(train_source))
   dataset = pipeline.train_dataset(
       train_source, config.data, seed=config.seed,
@@ -341,10 +329,12 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
   mngr = ckpt_lib.manager(workdir, max_to_keep=config.get('checkpoint_max_to_keep', 2),
                           keep_every=config.get('checkpoint_keep_every', 0))
 
+  runner = suite.Runner(config, programs, train_source=train_source, test_source=test_source)
   with sharding_lib.activate(mesh):
     with preemption.Watcher(config.log_every) as notice:
       try:
-        state = _train(config, programs, mesh, data_iter, steps_total, mngr, writer, notice)
+        state = _train(config, programs, mesh, data_iter, steps_total, mngr, writer, notice,
+                       runner)
       except BaseException:
         # Preempted, non-finite, interrupted...: an in-flight save still completes (and is
         # renamed into place) before the exception leaves.
@@ -353,13 +343,18 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
         mngr.close()
         raise
     mngr.wait_until_finished()
-    results = evaluate(config, programs, state)
-  writer.write(steps_total, {f'eval/{k}': v for k, v in results.items()})
+    results = runner(steps.variables(state), suite.specs(config))
+  writer.write(steps_total, results)
   writer.close()
   mngr.close()
-  for k, v in results.items():
-    logging.info('eval/%s = %.4f', k, v)
+  _log_results(steps_total, results)
   print(f'[lejepa_jax] final frozen evaluation on {config.data.test_split}: '
-        f"linear probe top-1 {results['linear_probe_top1']:.4f}, k-NN top-1 {results['knn_top1']:.4f}",
-        flush=True)
+        + summary(results), flush=True)
   return results
+
+
+def summary(results: dict) -> str:
+  """'linear probe top-1 0.8420, k-NN top-1 0.8160, ...': the top-1 figures of `results`."""
+  names = {'eval/linear_probe_top1': 'linear probe top-1', 'eval/knn_top1': 'k-NN top-1'}
+  return ', '.join(f'{names.get(k, k[len("eval/"):])} {v:.4f}' for k, v in results.items()
+                   if k.endswith('top1'))

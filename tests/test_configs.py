@@ -64,7 +64,7 @@ def test_imagenet_configs_use_the_papers_recipe(module, variant, patch):
   o = c.optim
   assert o.lr == 5e-4 and o.weight_decay == 0.05 and not o.clip_norm   # no batch scaling
   assert c.model.projector_out == 64
-  assert c.eval.probe_weight_decay == 1e-6
+  assert c.evals.linear_probe.weight_decay == 1e-6
   # The pipeline built from the config carries those values through.
   from lejepa_jax.data import pipeline
   spec = pipeline.augment_spec(c.data)

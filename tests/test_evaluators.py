@@ -126,6 +126,15 @@ def test_knn_equals_brute_force_numpy_with_padding_rows(mesh_name):
     assert 0.4 < ref < 0.97                          # not a trivial task
     got = knn.evaluate(train, test, num_classes, mesh=mesh, k=k, temperature=temperature, chunk=24)
     assert got['knn_top1'] == ref, k
+  # Several k from one search: each equals its own brute-force vote.
+  got = knn.evaluate(train, test, num_classes, mesh=mesh, k=5, ks=(1, 5, 20, 1000),
+                     temperature=temperature, chunk=24)
+  for k in (1, 5, 20):
+    assert got[f'knn_k{k}_top1'] == _knn_numpy(train_x, train_y, test_x, test_y, num_classes, k,
+                                                temperature), k
+  assert got['knn_top1'] == got['knn_k5_top1']
+  assert got['knn_k1000_top1'] == _knn_numpy(train_x, train_y, test_x, test_y, num_classes, 300,
+                                             temperature)   # k capped at the 300 training rows
 
 
 def _probe_data(mesh, rng):

@@ -28,8 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 12, 4
 FLAGS = ['--config=configs/fmnist.py:runlocal', f'--config.total_steps={STEPS}',
          f'--config.checkpoint_every={EVERY}', '--config.log_every=1',
-         '--config.eval.max_examples=500', '--config.eval.probe_epochs=1', '--cpu_devices=8']
-TIMING_KEYS = ('train/images_per_sec',)
+         '--config.eval.max_examples=500', '--config.evals.linear_probe.epochs=1', '--cpu_devices=8']
+TIMING_KEYS = ('train/images_per_sec', 'train/step_seconds', 'train/data_wait_fraction')
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists('/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz'),

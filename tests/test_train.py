@@ -95,8 +95,8 @@ def test_runlocal_trains_checkpoints_and_resumes_to_the_bit(tmp_path):
   c = fmnist.get_config('runlocal')
   workdir = str(tmp_path / 'run')
   results = train.train_and_evaluate(c, workdir)
-  assert 0.0 <= results['linear_probe_top1'] <= 1.0 and 0.0 <= results['knn_top1'] <= 1.0
-  assert results['linear_probe_top1'] > 0.3          # far above 0.1 chance on 10 classes
+  assert 0.0 <= results['eval/linear_probe_top1'] <= 1.0 and 0.0 <= results['eval/knn_top1'] <= 1.0
+  assert results['eval/linear_probe_top1'] > 0.3          # far above 0.1 chance on 10 classes
   lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
   keys = set().union(*lines)
   for k in ('step', 'train/loss', 'train/inv', 'train/sigreg', 'train/images_per_sec',

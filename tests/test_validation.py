@@ -18,6 +18,7 @@ import pytest
 
 from configs import fmnist, imagenette_vits8, vitg
 from lejepa_jax import config_schema, metrics, train
+from lejepa_jax.evaluators import suite
 from lejepa_jax.data import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,9 +166,8 @@ CASES = {
     'corrupt PNG and non-image JPEG in a folder': (
         FOLDER, 'corrupt_folder', ['2 unreadable image file(s)', 'cut.png', 'junk.jpg',
                                    'Delete or replace them']),
-    'data channels vs the images': (
-        FOLDER[:1], 'good_folder', ['data.channels=1', '3 channel(s)']),
 }
+# (A folder of RGB images under a 1-channel config is converted, not refused: tests/test_folder.py.)
 
 
 def _setup(kind, tmp):
@@ -309,8 +309,8 @@ def test_metric_writer_drops_lines_past_the_resumed_step(tmp_path):
 def test_resumed_run_logs_every_step_once(tmp_path, monkeypatch):
   """Killed after the step-2 checkpoint (step 4's files gone), the rerun logs 3 and 4 once."""
   import shutil
-  monkeypatch.setattr(train, 'evaluate', lambda *a, **k: {'linear_probe_top1': 0.5,
-                                                          'knn_top1': 0.5})
+  monkeypatch.setattr(suite.Runner, '__call__', lambda *a, **k: {'eval/linear_probe_top1': 0.5,
+                                                                 'eval/knn_top1': 0.5})
   c = fmnist.get_config('runlocal')
   c.total_steps, c.checkpoint_every, c.log_every = 4, 2, 1
   workdir = str(tmp_path)

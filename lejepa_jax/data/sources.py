@@ -4,7 +4,7 @@
   (or any directory holding the four *-idx?-ubyte[.gz] files);
 - 'tfds:NAME': `tfds.data_source` over a prepared TFDS directory (ImageNet at
   scale; array_record files, random access, no TensorFlow graph);
-- 'folder': DIR/SPLIT/CLASS/*.{png,jpg,jpeg}.
+- 'folder': DIR/SPLIT/CLASS/*.{png,jpg,jpeg}, converted to data.channels (1 or 3).
 
 Missing or malformed data fails when the source is built (before anything compiles or
 writes), with a `DataError` naming the path and what to do. Checked at construction: IDX
@@ -106,6 +106,22 @@ class ArraySource:
     return {'image': self.images[index], 'label': int(self.labels[index])}
 
 
+class Head:
+  """The first n records of a source, read lazily (records keep their own sizes, so a
+  folder of images of mixed sizes can be capped; np.stack of them could not)."""
+
+  def __init__(self, source, n: int):
+    self.source, self.n = source, min(int(n), len(source))
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, index: int) -> dict:
+    if not -self.n <= index < self.n:
+      raise IndexError(f'index {index} out of range for {self.n} records')
+    return self.source[index % self.n]
+
+
 def fashion_mnist(data_dir: str | None, split: str) -> ArraySource:
   if split not in _FMNIST_FILES:
     raise MissingDataError(f'Fashion-MNIST has no split {split!r}: set --config.data.train_split / '
@@ -187,14 +203,66 @@ def verify_images(paths: list, mode: str = 'auto', *, root=None) -> int:
   return len(paths)
 
 
+FOLDER_CHANNELS = {1: 'L', 3: 'RGB'}   # data.channels -> the PIL mode images are converted to
+_16_BIT_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
+
+
+def load_image(path, channels: int = 3, resize_shorter: int = 0) -> np.ndarray:
+  """The uint8 (H, W, channels) pixels of an image file, whatever its mode.
+
+  channels 1: PIL's `convert('L')` (ITU-R 601-2 luma of RGB); 3: `convert('RGB')` (a
+  grayscale image repeated). Alpha is dropped, as PIL's convert does (RGBA, LA and palette
+  images with transparency keep the colours of transparent pixels); palettes are looked up.
+  16-bit grayscale PNGs (which PIL's convert would clip at 255) keep their high byte, as PIL
+  does for 16-bit RGB PNGs. resize_shorter > 0 resizes (bilinear, antialiased) so that the
+  shorter side has that many pixels, the aspect ratio kept; 0 keeps the stored size (the
+  crops of the pipeline resize any size).
+  """
+  from PIL import Image
+  mode = FOLDER_CHANNELS[channels]
+  with Image.open(path) as img:
+    if resize_shorter and img.format == 'JPEG':
+      # DCT-domain downscaling while decoding, never below the target size: large photos
+      # decode several times faster.
+      scale = resize_shorter / min(img.size)
+      img.draft(mode, (max(1, int(img.size[0] * scale)), max(1, int(img.size[1] * scale))))
+    if img.mode in _16_BIT_MODES:
+      high = (np.clip(np.asarray(img, np.int64), 0, 65535) >> 8).astype(np.uint8)
+      img = Image.fromarray(high, 'L').convert(mode)
+    elif img.mode == 'P' and 'transparency' in img.info:
+      img = img.convert('RGBA').convert(mode)   # what convert(mode) gives, without its warning
+    else:
+      img = img.convert(mode)
+    if resize_shorter and min(img.size) != resize_shorter:
+      w, h = img.size
+      scale = resize_shorter / min(w, h)
+      size = ((resize_shorter, max(1, round(h * scale))) if w <= h else
+              (max(1, round(w * scale)), resize_shorter))
+      img = img.resize(size, Image.Resampling.BILINEAR)
+    image = np.asarray(img)
+  return image[..., None] if image.ndim == 2 else image
+
+
 class FolderSource:
   """DIR/SPLIT/CLASS/*.{png,jpg,jpeg}, classes in sorted order.
 
+  Every image comes out as uint8 (H, W, channels) (1: grayscale, 3: RGB; any PIL mode is
+  converted, see `load_image`), so a folder of mixed grayscale, RGB, RGBA and palette
+  files feeds a config of either channel count. Sizes may differ: the pipeline crops and
+  resizes each image before batching (resize_shorter > 0 also resizes them on loading).
   Every file (or a sample, see the module docstring) is checked with `Image.verify()` when
   the source is built; `verify` is one of VERIFY_MODES.
   """
 
-  def __init__(self, data_dir: str, split: str, verify: str = 'auto'):
+  def __init__(self, data_dir: str, split: str, verify: str = 'auto', *, channels: int = 3,
+               resize_shorter: int = 0):
+    if channels not in FOLDER_CHANNELS:
+      raise BadDataError(f'data.channels={channels}: images of a folder are converted to 1 '
+                         '(grayscale) or 3 (RGB) channels: set --config.data.channels=1 or 3, '
+                         'with as many values in data.mean and data.std')
+    if resize_shorter < 0:
+      raise BadDataError(f'resize_shorter={resize_shorter}: must be >= 0 (0: keep the size)')
+    self.channels, self.resize_shorter = channels, int(resize_shorter)
     root = pathlib.Path(data_dir) / split
     layout = (f'expected data.dir/{split}/CLASS/IMAGE.{{png,jpg,jpeg}}, one folder per class: '
               'fix --config.data.dir or the folder layout')
@@ -216,11 +284,9 @@ class FolderSource:
     return len(self.files)
 
   def __getitem__(self, index: int) -> dict:
-    from PIL import Image
     path, label = self.files[index]
     try:
-      with Image.open(path) as img:
-        image = np.asarray(img.convert('RGB'))
+      image = load_image(path, self.channels, self.resize_shorter)
     except Exception as e:  # PIL raises many types for corrupt or truncated files
       raise BadDataError(f'{path} cannot be decoded ({type(e).__name__}: {e}): delete or '
                          'replace it (re-download or re-extract the data set), then rerun the '
@@ -241,5 +307,7 @@ def get_source(data_config, split: str):
       raise MissingDataError('data.name="folder" needs data.dir: pass --config.data.dir=DIR '
                              '(DIR/SPLIT/CLASS/IMAGE.png)')
     return FolderSource(os.fspath(data_config.dir), split,
-                        verify=data_config.get('verify_images', 'auto'))
+                        verify=data_config.get('verify_images', 'auto'),
+                        channels=data_config.get('channels', 3),
+                        resize_shorter=data_config.get('resize_shorter', 0))
   raise ValueError(f"data.name must be 'fashion_mnist', 'tfds:NAME' or 'folder', got {name!r}")

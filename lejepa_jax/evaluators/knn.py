@@ -24,8 +24,13 @@ def _normalize(x):
 
 
 @functools.lru_cache(maxsize=None)
-def _chunk_fn(mesh, num_classes: int, k: int, temperature: float, chunk: int):
-  """(train x, y, test x, y, start) -> number of test rows [start, start + chunk) voted right."""
+def _chunk_fn(mesh, num_classes: int, ks: tuple, temperature: float, chunk: int):
+  """(train x, y, test x, y, start) -> for each k in ks, the number of test rows
+  [start, start + chunk) voted right by their k nearest neighbours.
+
+  One top-k search with the largest k serves every k: the neighbours come sorted by
+  similarity, so the k nearest are the first k of them."""
+  k = max(ks)
   rep = NamedSharding(mesh, P())
   xs, ys = features_lib.x_sharding(mesh), features_lib.y_sharding(mesh)
 
@@ -53,31 +58,51 @@ def _chunk_fn(mesh, num_classes: int, k: int, temperature: float, chunk: int):
         local_top_k, mesh=mesh, in_specs=(P(), P(None, BATCH_AXES), P(None, BATCH_AXES)),
         out_specs=P(), check_vma=False)(queries, train_x, train_y)
     votes = jax.nn.one_hot(neighbours, num_classes) * jnp.exp(sims / temperature)[..., None]
-    return jnp.sum(jnp.argmax(votes.sum(axis=1), axis=-1) == labels)  # label -1 never counts
+    right = [jnp.sum(jnp.argmax(votes[:, :kk].sum(axis=1), axis=-1) == labels)  # -1 never counts
+             for kk in ks]
+    return jnp.stack(right)
   return correct
 
 
-def _plan(train, test, num_classes, *, mesh, k, temperature, chunk):
+def _ks(k, ks, count: int) -> tuple:
+  """k first (it gives 'knn_top1'), then the other ks; none above the training rows."""
+  wanted = (k,) + tuple(kk for kk in (ks or ()) if kk != k)
+  if min(wanted) < 1:
+    raise ValueError(f'k-NN: every k must be >= 1, got {wanted}')
+  return tuple(min(kk, count) for kk in wanted)
+
+
+def _plan(train, test, num_classes, *, mesh, k, temperature, chunk, ks=None):
   """The jitted function `evaluate` runs, its abstract arguments and the chunk starts."""
   chunk = min(chunk, test.y.size)
-  fn = _chunk_fn(mesh, num_classes, min(k, train.count), float(temperature), chunk)
+  fn = _chunk_fn(mesh, num_classes, _ks(k, ks, train.count), float(temperature), chunk)
   start = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
   return fn, (train.x, train.y, test.x, test.y, start), range(0, test.y.size, chunk)
 
 
 def programs(train, test, num_classes: int, *, mesh, k: int = 20, temperature: float = 0.07,
-             chunk: int = 1024) -> list:
+             chunk: int = 1024, ks=None) -> list:
   """[(name, jitted fn, abstract args)]: `fn.lower(*args).compile()` compiles what `evaluate` runs."""
-  fn, args, _ = _plan(train, test, num_classes, mesh=mesh, k=k, temperature=temperature, chunk=chunk)
+  fn, args, _ = _plan(train, test, num_classes, mesh=mesh, k=k, temperature=temperature,
+                      chunk=chunk, ks=ks)
   return [('knn/chunk_correct', fn, args)]
 
 
 def evaluate(train, test, num_classes: int, *, mesh, k: int = 20, temperature: float = 0.07,
-             chunk: int = 1024) -> dict:
-  """Test top-1 of a k-NN vote weighted by exp(cosine / temperature)."""
+             chunk: int = 1024, ks=None, seed: int = 0) -> dict:
+  """Test top-1 of a k-NN vote weighted by exp(cosine / temperature).
+
+  'knn_top1' is the vote of k neighbours; each K of `ks` (one search serves all) adds
+  'knn_kK_top1'. Deterministic: `seed` is accepted for the common evaluator interface.
+  """
+  del seed
   fn, _, starts = _plan(train, test, num_classes, mesh=mesh, k=k, temperature=temperature,
-                        chunk=chunk)
+                        chunk=chunk, ks=ks)
   correct = 0
   for start in starts:                    # one compile for all chunks; counts stay on device
     correct = correct + fn(train.x, train.y, test.x, test.y, np.int32(start))
-  return {'knn_top1': int(correct) / test.count}
+  correct = np.asarray(correct)
+  out = {'knn_top1': int(correct[0]) / test.count}
+  for kk in (ks or ()):
+    out[f'knn_k{kk}_top1'] = int(correct[_ks(k, ks, train.count).index(min(kk, train.count))]) / test.count
+  return out

@@ -1,0 +1,121 @@
+"""What the commands (`main`, `evaluate`, `export`, ...) share: the device and multi-process
+flags, their setup, quiet library logging and the one-line error exit.
+
+Importing this module defines the flags; call `setup()` first thing in a command's main.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+
+from lejepa_jax import config_schema
+
+_DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', ['auto', 'yes', 'no'],
+                                 'Call jax.distributed.initialize (auto: when a multi-process '
+                                 'environment or --coordinator_address is present).')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
+_CPU_DEVICES = flags.DEFINE_integer('cpu_devices', None,
+                                    'Simulate this many CPU devices per process (testing).')
+
+_MULTIPROCESS_ENV = ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE', 'MEGASCALE_COORDINATOR_ADDRESS',
+                     'TPU_WORKER_HOSTNAMES')
+EXIT_BAD_INPUT = 2
+
+
+class _QuietLibraries:
+  """Drops INFO chatter of checkpointing/data libraries from the console; warnings pass."""
+  PREFIXES = ('orbax', 'grain', 'tensorstore', 'etils')
+
+  def filter(self, record) -> bool:
+    if record.levelno >= 30:
+      return True
+    return not any(f'/{p}/' in record.pathname or f'/{p}_' in record.pathname
+                   for p in self.PREFIXES)
+
+
+def _maybe_initialize_distributed() -> None:
+  wanted = _DISTRIBUTED.value == 'yes' or (
+      _DISTRIBUTED.value == 'auto' and
+      (_COORDINATOR.value or any(k in os.environ for k in _MULTIPROCESS_ENV)))
+  if not wanted:
+    return
+  kwargs = {}
+  if _COORDINATOR.value:
+    kwargs = dict(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                  process_id=_PROCESS_ID.value)
+  jax.distributed.initialize(**kwargs)
+
+
+def setup() -> None:
+  """Quiet library logs, simulated CPU devices, gloo on CPU, jax.distributed when wanted."""
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  if _CPU_DEVICES.value:
+    jax.config.update('jax_num_cpu_devices', _CPU_DEVICES.value)
+  if _COORDINATOR.value:
+    # CPU processes exchange collectives through gloo (harmless on GPU/TPU).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  _maybe_initialize_distributed()
+  logging.info('JAX %s, process %d/%d, %d local / %d global devices (%s)', jax.__version__,
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.default_backend())
+
+
+def fail(message: str) -> None:
+  """One line on stderr, exit status 2: the fix is in the message, a traceback adds nothing."""
+  sys.stderr.write(f'[lejepa_jax] error: {message}\n')
+  sys.stderr.flush()
+  sys.exit(EXIT_BAD_INPUT)
+
+
+def flag_value(argv, name: str) -> str | None:
+  """The value of --NAME=V or --NAME V in argv, before absl parses it (None if absent)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(f'--{name}='):
+      return arg.split('=', 1)[1]
+    if arg == f'--{name}' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _override_keys(argv) -> list[str]:
+  """The KEY of every --config.KEY=VALUE (or --config.KEY VALUE) argument."""
+  return [a[len('--config.'):].partition('=')[0] for a in argv if a.startswith('--config.')]
+
+
+def unknown_override_message(argv, error) -> str:
+  """--config.KEY naming a key the config does not have (lock_config=True refuses it)."""
+  problems = []
+  for key in _override_keys(argv):
+    free = next((f for f in config_schema.FREE_FORM if key.startswith(f + '.')), None)
+    if key not in config_schema.KEYS and not free:
+      problems.append(f'--config.{config_schema.describe_unknown(key)}')
+  if problems:
+    return 'bad command line: ' + '; '.join(problems)
+  config_arg = next((a for a in argv if a.startswith('--config=')), '--config=DIR/config.json')
+  overrides = _override_keys(argv)
+  keys = [k for k in overrides if k.split('.')[-1] in str(error)] or overrides
+  guess = re.search(r'Did you mean "([^"]+)"', str(error))   # ml_collections' suggestion
+  hint = ''
+  if guess and len(keys) == 1:
+    section = keys[0].rpartition('.')[0]
+    hint = f' (did you mean {section + "." if section else ""}{guess.group(1)}?)'
+  return (f'bad command line: --config.{" / --config.".join(keys)}{hint}: the config '
+          f'({config_arg[len("--config="):]}) does not set this key, and --config.KEY can only '
+          'change keys the file sets: fix the name, or add the key to the config file (what it '
+          f'does and its default: {config_schema.SCHEMA_FILE})')
+
+
+def parse_flags(argv):
+  """absl's parser; an unknown --config.KEY becomes one line and exit 2 (`fail`)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:   # ml_collections: --config.KEY the config lacks
+    fail(unknown_override_message(argv, e))

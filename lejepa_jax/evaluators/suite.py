@@ -1,0 +1,176 @@
+"""The evaluators a run uses, from `config.evals`, and the runner that feeds them features.
+
+config.evals maps a name to one evaluator (big_vision style):
+
+    config.evals.linear_probe = dict(type='linear_probe', every=0, lrs=(1e-2, 3e-2), ...)
+    config.evals.knn = dict(type='knn', every=500, k=20, ks=(10, 20, 50))
+    config.evals.fewshot = dict(type='fewshot', every=0, shots=(1, 5, 10, 25), seeds=3)
+
+`type` is a key of TYPES; `every` > 0 also runs it every that many training steps (it
+always runs at the end of training and in `python -m lejepa_jax.evaluate`);
+`max_examples` (> 0) caps both splits for it (default: eval.max_examples); the other
+keys are the keyword options of the type's `evaluate`. Every evaluator has the same
+interface: `evaluate(train: Features, test: Features, num_classes, *, mesh, seed,
+**options) -> {'TYPE_KEY': float}`, and its results are logged as `eval/NAME_KEY`
+(so the evaluator named linear_probe writes eval/linear_probe_top1).
+Evaluators due at the same step with the same cap share one feature extraction.
+"""
+from __future__ import annotations
+
+import difflib
+import time
+from typing import Any, NamedTuple
+
+from absl import logging
+import jax
+
+from lejepa_jax.data import pipeline
+from lejepa_jax.data import sources
+from lejepa_jax.evaluators import features as features_lib
+from lejepa_jax.evaluators import fewshot
+from lejepa_jax.evaluators import knn
+from lejepa_jax.evaluators import linear_probe
+
+# type -> (evaluate function, its options with their defaults)
+TYPES: dict[str, tuple[Any, dict]] = {
+    'linear_probe': (linear_probe.evaluate, dict(
+        lrs=(1e-3, 3e-3, 1e-2), epochs=50, batch_size=1024, weight_decay=1e-6,
+        holdout_fraction=0.1)),
+    'knn': (knn.evaluate, dict(k=20, ks=(), temperature=0.07, chunk=1024)),
+    'fewshot': (fewshot.evaluate, dict(
+        shots=(1, 5, 10, 25), seeds=3, l2_regs=(1e-3, 1e-2, 1e-1, 1.0, 10.0), val_examples=1000)),
+}
+COMMON = ('type', 'every', 'max_examples')
+# What a config without `evals` gets: the paper's frozen protocol at the end of training.
+DEFAULT_EVALS = {'linear_probe': {'type': 'linear_probe'}, 'knn': {'type': 'knn'}}
+
+
+class Spec(NamedTuple):
+  name: str
+  type: str
+  every: int            # 0: only at the end (and in `evaluate`)
+  max_examples: int     # 0: eval.max_examples
+  options: dict
+
+
+def _entries(config) -> dict:
+  evals = config.get('evals')
+  return DEFAULT_EVALS if evals is None else {k: dict(v) for k, v in evals.items()}
+
+
+def problems(config) -> list[str]:
+  """What is wrong with config.evals, one message per problem, naming the key."""
+  out = []
+  evals = config.get('evals')
+  if evals is not None and not hasattr(evals, 'items'):
+    return [f'evals={evals!r} must map names to evaluators, e.g. '
+            "{'knn': {'type': 'knn', 'every': 500}}"]
+  for name, entry in _entries(config).items():
+    if not hasattr(entry, 'items'):
+      out.append(f'evals.{name}={entry!r} must be a dict with a type')
+      continue
+    kind = entry.get('type')
+    if kind not in TYPES:
+      out.append(f'evals.{name}.type={kind!r}: one of {sorted(TYPES)}')
+      continue
+    allowed = list(COMMON) + list(TYPES[kind][1])
+    for key in entry:
+      if key not in allowed:
+        guess = difflib.get_close_matches(key, allowed, n=1)
+        hint = f' (did you mean {guess[0]}?)' if guess else ''
+        out.append(f'evals.{name}.{key} is not an option of a {kind} evaluator{hint}; '
+                   f'its options: {", ".join(allowed)}')
+    for key in ('every', 'max_examples'):
+      if not isinstance(entry.get(key, 0), int) or entry.get(key, 0) < 0:
+        out.append(f'evals.{name}.{key}={entry.get(key)!r} must be an integer >= 0')
+  return out
+
+
+def specs(config, names=None) -> list[Spec]:
+  """The evaluators of config.evals (all, or those named in `names`, in config order)."""
+  entries = _entries(config)
+  if names:
+    missing = [n for n in names if n not in entries]
+    if missing:
+      raise KeyError(f'no evaluator named {", ".join(missing)} in config.evals '
+                     f'(it has {", ".join(entries)})')
+  out = []
+  for name, entry in entries.items():
+    if names and name not in names:
+      continue
+    options = dict(TYPES[entry['type']][1])
+    options.update({k: v for k, v in entry.items() if k not in COMMON})
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    out.append(Spec(name, entry['type'], int(entry.get('every', 0)),
+                    int(entry.get('max_examples', 0)), options))
+  return out
+
+
+def cap(config, spec: Spec) -> int:
+  """Images per split the evaluator sees (0: all)."""
+  return spec.max_examples or config.eval.get('max_examples', 0) or 0
+
+
+def programs(spec: Spec, train, test, num_classes: int, *, mesh) -> list:
+  """[(name, jitted fn, abstract args)] of one evaluator, for `plan`'s ahead-of-time compile."""
+  module = {'linear_probe': linear_probe, 'knn': knn, 'fewshot': fewshot}[spec.type]
+  jobs = module.programs(train, test, num_classes, mesh=mesh, **spec.options)
+  if spec.name == spec.type:
+    return jobs
+  return [(f'{spec.name}:{name}', fn, args) for name, fn, args in jobs]
+
+
+def due(all_specs, step: int) -> list[Spec]:
+  """The evaluators whose `every` divides this (intermediate) training step."""
+  return [s for s in all_specs if s.every and step % s.every == 0]
+
+
+class Runner:
+  """Extracts frozen features of the train and test splits and runs evaluators on them.
+
+  The sources are opened once; features are extracted afresh for every call (the
+  encoder changes between calls during training) and shared by the evaluators of one
+  call that have the same cap.
+  """
+
+  def __init__(self, config, programs, *, train_source=None, test_source=None):
+    self.config, self.programs = config, programs
+    d = config.data
+    self._sources = {d.train_split: train_source or sources.get_source(d, d.train_split),
+                     d.test_split: test_source or sources.get_source(d, d.test_split)}
+
+  def features(self, variables, cap: int):
+    """(train, test) Features of the first `cap` images of each split (0: all)."""
+    e, d = self.config.eval, self.config.data
+    out = []
+    for split in (d.train_split, d.test_split):
+      source = self._sources[split]
+      if cap:
+        source = sources.Head(source, cap)
+      logging.info('extracting features: %s (%d images)', split, len(source))
+      batches = pipeline.eval_batches(source, d, local_batch_size=e.batch_size // jax.process_count(),
+                                      process_index=jax.process_index(),
+                                      process_count=jax.process_count())
+      out.append(features_lib.extract(self.programs.features, variables, batches,
+                                      self.programs.mesh,
+                                      num_batches=-(-len(source) // e.batch_size)))
+    return tuple(out)
+
+  def __call__(self, variables, run_specs) -> dict:
+    """{'eval/NAME_KEY': value} of every evaluator in run_specs."""
+    results, cached = {}, {}
+    num_classes, mesh = self.config.data.num_classes, self.programs.mesh
+    for spec in run_specs:
+      n = cap(self.config, spec)
+      if n not in cached:
+        cached = {n: self.features(variables, n)}   # keep one set alive at a time
+      train, test = cached[n]
+      evaluate = TYPES[spec.type][0]
+      t = time.perf_counter()
+      out = evaluate(train, test, num_classes, mesh=mesh, seed=self.config.seed, **spec.options)
+      for key, value in out.items():
+        key = key[len(spec.type) + 1:] if key.startswith(spec.type + '_') else key
+        results[f'eval/{spec.name}_{key}'] = float(value)
+      logging.info('evaluator %s (%s) done in %.0fs', spec.name, spec.type,
+                   time.perf_counter() - t)
+    return results

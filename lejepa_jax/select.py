@@ -1,0 +1,501 @@
+"""Label-free model selection: does the training loss rank the runs of a sweep?
+
+    python -m lejepa_jax.select DIR... [--metric=eval/linear_probe_top1] [--loss=train/loss]
+        [--last_n=3] [--alphas=0:2:0.05] [--pick_alpha=0.4] [--plot=PATH]
+    python -m lejepa_jax.select /tmp/sweep/*          # e.g. after launch/sweep.sh
+
+LeJEPA's paper reports that the final training loss predicts the frozen linear-probe
+accuracy across hyper-parameters (Spearman 94.5%), and better still (about 99%) once the loss
+is divided by lambda^alpha with alpha about 0.4, so a sweep can be ranked without labels.
+This command checks that claim on finished runs and says which run the label-free score picks.
+
+Per workdir DIR (positional arguments; a shell glob such as OUTDIR/* is fine: plain files
+it matches are ignored):
+  lambda     `lamb` of DIR/config.json (the resolved config the run stored); lr: `optim.lr`.
+  accuracy   the `--metric` value of DIR/metrics.jsonl (the last step that has it; when a
+             step is logged twice, the later line wins, key by key).
+  final loss the mean of the last `--last_n` logged `--loss` values at steps <= the metric's
+             step (the loss of the weights that were evaluated; the mean smooths the
+             minibatch noise of one logged step). --last_n=1: the last logged value.
+  score      loss / lambda^alpha (`scaled_loss`). Runs with lamb = 0 cannot be scaled: they
+             are left out of the alpha search (and of the pick when alpha > 0), still listed.
+Runs without the metric (unfinished), without config.json or without finite loss values
+are listed as skipped with the reason. Fewer than 3 usable runs: a one-line error, exit 2.
+
+Sign convention: rho is Spearman(score, accuracy). Lower loss should mean higher accuracy,
+so a predictive score has rho near -1; the paper's "94.5%" and "99%" are -rho here.
+`best_alpha` is the alpha of the grid `--alphas` with the most negative rho. rho is a step
+function of alpha (it changes only where two runs swap order), so the minimum is usually a
+plateau of grid points: best_alpha is the middle of the first such plateau, whose ends are
+reported as best_alpha_range.
+
+The pick: the run with the lowest score at `--pick_alpha`. The default, 0.4, is the paper's
+value and uses no labels; --pick_alpha=best uses the fitted best_alpha, which has seen the
+accuracies of these very runs (an optimistic, in-sample check, not a label-free choice).
+
+Output: a table of the usable runs ranked by the pick score, the skipped runs, rho at
+alpha = 0 and at best_alpha, the pick and its accuracy against the best run's, the plot's
+path, and as the LAST line one JSON object:
+  runs, spearman_alpha0, best_alpha, best_alpha_range, spearman_best, pick_alpha,
+  spearman_pick, picked, picked_accuracy, best_accuracy, best_run, skipped, plot
+(null where undefined, e.g. best_alpha with fewer than 3 runs with lamb > 0).
+
+Plot (PNG, `--plot`; default: select.png in the deepest directory holding all the runs,
+e.g. OUTDIR/select.png for OUTDIR/*; --plot=none: no plot): accuracy vs final loss,
+accuracy vs loss / lambda^best_alpha, and rho vs alpha.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import Iterable, Sequence
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from lejepa_jax import run_config
+
+_METRIC = flags.DEFINE_string('metric', 'eval/linear_probe_top1',
+                              'metrics.jsonl key of the accuracy to predict (higher is better).')
+_LOSS = flags.DEFINE_string('loss', 'train/loss', 'metrics.jsonl key of the training loss.')
+_LAST_N = flags.DEFINE_integer('last_n', 3, 'Final loss = mean of the last N logged loss values '
+                               '(at steps <= the metric\'s step).', lower_bound=1)
+_ALPHAS = flags.DEFINE_string('alphas', '0:2:0.05', 'Alpha grid: START:STOP:STEP (STOP '
+                              'included) or a comma-separated list.')
+_PICK_ALPHA = flags.DEFINE_string('pick_alpha', '0.4', "Alpha of the label-free score used to "
+                                  "pick a run (the paper's 0.4), or 'best' (fitted on the "
+                                  'accuracies: not label-free).')
+_PLOT = flags.DEFINE_string('plot', None, "PNG path; default select.png in the deepest "
+                            "directory holding all runs; 'none' or '': no plot.")
+
+MIN_RUNS = 3
+
+
+# ----------------------------------------------------------------------------- the math
+
+def ranks(x) -> np.ndarray:
+  """1-based ranks of a 1-D array, ties given the average of the ranks they span."""
+  x = np.asarray(x, dtype=np.float64).ravel()
+  _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+  below = np.cumsum(counts) - counts          # how many values are smaller than each unique one
+  return (below + (counts + 1) / 2.0)[inverse.ravel()]
+
+
+def spearman(a, b) -> float:
+  """Spearman rank correlation of two equal-length 1-D arrays (Pearson of average ranks).
+
+  nan when fewer than 2 values, or when either array is constant (no ranking to correlate).
+  """
+  a = np.asarray(a, dtype=np.float64).ravel()
+  b = np.asarray(b, dtype=np.float64).ravel()
+  if a.shape != b.shape:
+    raise ValueError(f'spearman: lengths differ ({a.size} vs {b.size})')
+  if a.size < 2 or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+    return math.nan
+  ra, rb = ranks(a), ranks(b)
+  ra, rb = ra - ra.mean(), rb - rb.mean()
+  denom = math.sqrt(float(ra @ ra) * float(rb @ rb))
+  if denom == 0.0:
+    return math.nan
+  return float(np.clip((ra @ rb) / denom, -1.0, 1.0))
+
+
+def scaled_loss(loss, lamb, alpha):
+  """loss / lamb^alpha, elementwise (the paper's label-free score). lamb must be > 0 unless
+  alpha == 0 (then the loss itself)."""
+  loss = np.asarray(loss, dtype=np.float64)
+  lamb = np.asarray(lamb, dtype=np.float64)
+  if alpha == 0:
+    return loss * np.ones_like(lamb)
+  if np.any(lamb <= 0):
+    raise ValueError(f'scaled_loss: lamb must be > 0 to divide by lamb^{alpha} (got '
+                     f'{lamb.min()}); leave lamb = 0 runs out of the alpha search')
+  return loss / lamb ** alpha
+
+
+def alpha_grid(spec: str) -> np.ndarray:
+  """'START:STOP:STEP' (STOP included) or 'a,b,c' -> sorted array of alphas."""
+  spec = spec.strip()
+  try:
+    if ':' in spec:
+      start, stop, step = (float(v) for v in spec.split(':'))
+      if step <= 0 or stop < start:
+        raise ValueError
+      n = int(math.floor((stop - start) / step + 1e-9)) + 1
+      grid = start + step * np.arange(n)
+    else:
+      grid = np.array([float(v) for v in spec.split(',') if v.strip()])
+  except ValueError:
+    raise ValueError(f'--alphas={spec!r}: expected START:STOP:STEP with STEP > 0 and STOP >= '
+                     'START, or a comma-separated list of numbers') from None
+  if grid.size == 0:
+    raise ValueError(f'--alphas={spec!r}: empty grid')
+  return np.round(np.unique(grid), 10)
+
+
+@dataclasses.dataclass(frozen=True)
+class AlphaFit:
+  alpha: float            # middle of the first plateau of the most negative rho (nan: none)
+  rho: float              # rho there
+  alpha_range: tuple      # (first, last) grid alpha of that plateau
+  alphas: np.ndarray      # the grid
+  rhos: np.ndarray        # rho at each grid alpha (nan where undefined)
+
+
+def best_alpha(loss, lamb, accuracy, alphas=None) -> AlphaFit:
+  """The alpha of `alphas` whose score loss / lamb^alpha is most predictive of accuracy
+  (most negative Spearman rho: lower score, higher accuracy). All lamb must be > 0.
+
+  Ties (rho is piecewise constant in alpha): the middle grid point of the first contiguous
+  run of minimisers.
+  """
+  alphas = alpha_grid('0:2:0.05') if alphas is None else np.asarray(alphas, dtype=np.float64)
+  rhos = np.array([spearman(scaled_loss(loss, lamb, a), accuracy) for a in alphas])
+  if not np.any(np.isfinite(rhos)):
+    return AlphaFit(math.nan, math.nan, (math.nan, math.nan), alphas, rhos)
+  low = np.nanmin(rhos)
+  at_min = np.isfinite(rhos) & (rhos <= low + 1e-12)
+  i = int(np.argmax(at_min))
+  j = i
+  while j + 1 < len(alphas) and at_min[j + 1]:
+    j += 1
+  mid = (i + j) // 2
+  return AlphaFit(float(alphas[mid]), float(rhos[mid]), (float(alphas[i]), float(alphas[j])),
+                  alphas, rhos)
+
+
+# ------------------------------------------------------------------------------- reading
+
+class Skip(Exception):
+  """A workdir that cannot be used; the message is the reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  dir: str
+  lamb: float
+  lr: float
+  loss: float            # final loss (mean of the last `last_n` logged values)
+  accuracy: float
+  step: int              # step of the metric
+  loss_steps: tuple      # the steps averaged into `loss`
+  convention: str
+
+
+def read_metrics(path) -> dict:
+  """metrics.jsonl -> {step: {key: value}}, merged line by line (a later line wins, key by
+  key). Lines that do not parse (a line cut short by a kill) or have no integer step are
+  ignored."""
+  records: dict = {}
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if not isinstance(record, dict) or not isinstance(record.get('step'), int):
+        continue
+      records.setdefault(record['step'], {}).update(record)
+  return records
+
+
+def final_value(records: dict, key: str, last_n: int, max_step=None):
+  """(mean of the last `last_n` values of `key` at steps <= max_step, those steps)."""
+  steps = sorted(s for s, r in records.items()
+                 if key in r and r[key] is not None and (max_step is None or s <= max_step))
+  steps = steps[-last_n:]
+  if not steps:
+    return math.nan, ()
+  return float(np.mean([float(records[s][key]) for s in steps])), tuple(steps)
+
+
+def load_run(workdir: str, metric: str, loss_key: str, last_n: int) -> Run:
+  """Reads one workdir; raises Skip(reason) when it cannot be used."""
+  if not os.path.exists(workdir):
+    raise Skip('does not exist')
+  if not os.path.isdir(workdir):
+    raise Skip('not a directory')
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(os.path.join(workdir, run_config.FILE)):
+    raise Skip(f'no {run_config.FILE} (not a lejepa_jax workdir, or made before configs '
+               'were stored)')
+  if not os.path.exists(metrics_path):
+    raise Skip('no metrics.jsonl (not started)')
+  config = run_config.load(workdir)
+  records = read_metrics(metrics_path)
+  with_metric = [s for s, r in records.items() if r.get(metric) is not None]
+  if not with_metric:
+    last = max(records) if records else 0
+    total = config.get('total_steps') or '?'
+    raise Skip(f'no {metric} (unfinished: last logged step {last} of {total})')
+  step = max(with_metric)
+  accuracy = float(records[step][metric])
+  if not math.isfinite(accuracy):
+    raise Skip(f'{metric} is {accuracy}')
+  lamb = config.get('lamb')
+  if lamb is None:
+    raise Skip(f'{run_config.FILE} has no lamb')
+  loss, loss_steps = final_value(records, loss_key, last_n, max_step=step)
+  if not loss_steps:
+    raise Skip(f'no {loss_key} logged at steps <= {step}')
+  if not math.isfinite(loss):
+    raise Skip(f'final {loss_key} is {loss} (steps {list(loss_steps)})')
+  optim = config.get('optim') or {}
+  return Run(dir=workdir, lamb=float(lamb), lr=float(optim.get('lr', math.nan)), loss=loss,
+             accuracy=accuracy, step=step, loss_steps=loss_steps,
+             convention=str(config.get('loss_convention', '?')))
+
+
+def load_runs(workdirs: Iterable[str], metric: str, loss_key: str, last_n: int):
+  """(usable runs, [(dir, reason)] skipped, [files ignored]), in the order given (duplicates
+  dropped). Plain files (what OUTDIR/* also matches: logs, select.png) are ignored."""
+  runs, skipped, files, seen = [], [], [], set()
+  for d in workdirs:
+    d = os.path.normpath(d)
+    if d in seen:
+      continue
+    seen.add(d)
+    if os.path.isfile(d):
+      files.append(d)
+      continue
+    try:
+      runs.append(load_run(d, metric, loss_key, last_n))
+    except Skip as e:
+      skipped.append((d, str(e)))
+  return runs, skipped, files
+
+
+# ---------------------------------------------------------------------------- selection
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+  runs: tuple             # usable runs, ranked by the pick score (unscorable ones last)
+  rho_alpha0: float       # rho(loss, accuracy) over all usable runs
+  fit: AlphaFit           # over the runs with lamb > 0
+  rho_alpha0_scalable: float  # rho(loss, accuracy) over the runs with lamb > 0
+  pick_alpha: float
+  rho_pick: float         # rho(score at pick_alpha, accuracy) over the runs it can score
+  scores: tuple           # score at pick_alpha per run of `runs` (nan: lamb = 0, alpha > 0)
+  picked: Run
+  best: Run
+
+
+def select(runs: Sequence[Run], alphas, pick_alpha='0.4') -> Selection:
+  """The label-free analysis of usable runs (pure: no I/O). pick_alpha: a number or 'best'."""
+  if len(runs) < MIN_RUNS:
+    raise ValueError(f'{len(runs)} usable runs, need at least {MIN_RUNS}')
+  loss = np.array([r.loss for r in runs])
+  lamb = np.array([r.lamb for r in runs])
+  acc = np.array([r.accuracy for r in runs])
+  pos = lamb > 0
+  if pos.sum() >= MIN_RUNS:
+    fit = best_alpha(loss[pos], lamb[pos], acc[pos], alphas)
+    rho0_pos = spearman(loss[pos], acc[pos])
+  else:
+    nan_rhos = np.full(len(alphas), math.nan)
+    fit = AlphaFit(math.nan, math.nan, (math.nan, math.nan), np.asarray(alphas), nan_rhos)
+    rho0_pos = math.nan
+  if str(pick_alpha) == 'best':
+    a = fit.alpha if math.isfinite(fit.alpha) else 0.0
+  else:
+    a = float(pick_alpha)
+  scorable = np.ones_like(pos) if a == 0 else pos
+  scores = np.full(len(runs), math.nan)
+  scores[scorable] = scaled_loss(loss[scorable], lamb[scorable], a)
+  rho_pick = (spearman(scores[scorable], acc[scorable]) if scorable.sum() >= MIN_RUNS
+              else math.nan)
+  # Rank: lowest score first; unscorable (nan) last; ties keep the order given.
+  order = sorted(range(len(runs)), key=lambda i: (not math.isfinite(scores[i]), scores[i]
+                                                  if math.isfinite(scores[i]) else 0.0, i))
+  ranked = tuple(runs[i] for i in order)
+  best = max(runs, key=lambda r: r.accuracy)
+  return Selection(runs=ranked, rho_alpha0=spearman(loss, acc), fit=fit,
+                   rho_alpha0_scalable=rho0_pos, pick_alpha=a, rho_pick=rho_pick,
+                   scores=tuple(float(scores[i]) for i in order), picked=ranked[0], best=best)
+
+
+# ------------------------------------------------------------------------------- output
+
+def _num(x, digits=4):
+  return None if x is None or not math.isfinite(x) else round(float(x), digits)
+
+
+def _fmt(x, spec='.4f'):
+  return '-' if x is None or not math.isfinite(x) else format(x, spec)
+
+
+def default_plot_path(workdirs: Sequence[str]) -> str:
+  """select.png in the deepest directory that holds all the runs (OUTDIR for OUTDIR/*)."""
+  parents = [os.path.dirname(os.path.abspath(d)) for d in workdirs]
+  return os.path.join(os.path.commonpath(parents), 'select.png')
+
+
+def table(sel: Selection) -> str:
+  a_best, a_pick = sel.fit.alpha, sel.pick_alpha
+  show_best = math.isfinite(a_best) and a_best != a_pick
+  names = [r.dir for r in sel.runs]
+  w = max(len('run'), *(len(n) for n in names))
+  head = (f"{'#':>2}  {'run':<{w}}  {'lamb':>8}  {'lr':>8}  {'step':>6}  {'loss':>8}  "
+          f"{f'/lamb^{a_pick:g}':>11}  " + (f"{f'/lamb^{a_best:g}':>11}  " if show_best else '')
+          + f"{'accuracy':>8}")
+  lines = [head, '-' * len(head)]
+  for i, (r, s) in enumerate(zip(sel.runs, sel.scores)):
+    extra = ''
+    if show_best:
+      extra = f'{_fmt(r.loss / r.lamb ** a_best if r.lamb > 0 else math.nan):>11}  '
+    tags = [t for t, on in (('picked', r is sel.picked), ('best accuracy', r is sel.best)) if on]
+    mark = f"  <- {', '.join(tags)}" if tags else ''
+    lines.append(f'{i + 1:>2}  {r.dir:<{w}}  {r.lamb:>8.4g}  {r.lr:>8.3g}  {r.step:>6d}  '
+                 f'{r.loss:>8.4f}  {_fmt(s):>11}  {extra}{r.accuracy:>8.4f}{mark}')
+  return '\n'.join(lines)
+
+
+def plot(sel: Selection, path: str, metric: str, loss_key: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+
+  runs = sel.runs
+  loss = np.array([r.loss for r in runs])
+  lamb = np.array([r.lamb for r in runs])
+  acc = np.array([r.accuracy for r in runs])
+  pos = lamb > 0
+  picked = np.array([r is sel.picked for r in runs])
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+  colour = np.log10(np.where(pos, lamb, np.nan))
+  vmin = np.nanmin(colour) if pos.any() else 0
+  vmax = np.nanmax(colour) if pos.any() else 1
+  kw = dict(c=colour[pos], cmap='viridis', vmin=vmin, vmax=vmax, s=40, zorder=3)
+
+  ax = axes[0]
+  sc = ax.scatter(loss[pos], acc[pos], **kw)
+  if (~pos).any():
+    ax.scatter(loss[~pos], acc[~pos], marker='x', color='red', label='lamb = 0', zorder=3)
+  ax.scatter(loss[picked], acc[picked], s=160, facecolors='none', edgecolors='black', zorder=4,
+             label=f'picked (lamb^{sel.pick_alpha:g})')
+  ax.legend(loc='best', fontsize=8)
+  ax.set(xlabel=f'final {loss_key}', ylabel=metric,
+         title=f'alpha = 0: Spearman rho = {_fmt(sel.rho_alpha0, ".3f")}')
+  fig.colorbar(sc, ax=ax, label='log10 lamb')
+
+  ax = axes[1]
+  if math.isfinite(sel.fit.alpha):
+    a = sel.fit.alpha
+    ax.scatter(loss[pos] / lamb[pos] ** a, acc[pos], **kw)
+    mine = picked & pos
+    ax.scatter(loss[mine] / lamb[mine] ** a, acc[mine], s=160, facecolors='none',
+               edgecolors='black', zorder=4, label='picked')
+    ax.legend(loc='best', fontsize=8)
+    ax.set(xlabel=f'{loss_key} / lamb^{a:g}', ylabel=metric,
+           title=f'best alpha = {a:g}: rho = {sel.fit.rho:.3f}')
+  else:
+    ax.set_title('fewer than 3 runs with lamb > 0: no alpha search')
+  ax = axes[2]
+  ax.plot(sel.fit.alphas, sel.fit.rhos, '.-')
+  if math.isfinite(sel.fit.alpha):
+    ax.axvline(sel.fit.alpha, color='grey', ls='--', label=f'best {sel.fit.alpha:g}')
+  ax.axvline(sel.pick_alpha, color='black', ls=':', label=f'pick {sel.pick_alpha:g}')
+  ax.legend(loc='best', fontsize=8)
+  ax.set(xlabel='alpha', ylabel='Spearman rho (score, accuracy)', ylim=(-1.05, 1.05),
+         title='rho vs alpha (-1: lower score = higher accuracy)')
+  for ax in axes:
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def summary(sel: Selection, skipped, plot_path) -> dict:
+  fit = sel.fit
+  return {
+      'runs': len(sel.runs),
+      'spearman_alpha0': _num(sel.rho_alpha0),
+      'best_alpha': _num(fit.alpha),
+      'best_alpha_range': None if not math.isfinite(fit.alpha) else
+                          [_num(fit.alpha_range[0]), _num(fit.alpha_range[1])],
+      'spearman_best': _num(fit.rho),
+      'pick_alpha': _num(sel.pick_alpha),
+      'spearman_pick': _num(sel.rho_pick),
+      'picked': sel.picked.dir,
+      'picked_accuracy': _num(sel.picked.accuracy),
+      'best_accuracy': _num(sel.best.accuracy),
+      'best_run': sel.best.dir,
+      'skipped': len(skipped),
+      'plot': plot_path,
+  }
+
+
+def main(argv):
+  workdirs = argv[1:]
+  if not workdirs:
+    print('select: no workdirs given: python -m lejepa_jax.select DIR... (e.g. OUTDIR/*)',
+          file=sys.stderr)
+    sys.exit(2)
+  try:
+    alphas = alpha_grid(_ALPHAS.value)
+    pick = _PICK_ALPHA.value.strip()
+    if pick != 'best':
+      pick = float(pick)
+  except ValueError as e:
+    print(f'select: {e}' if 'alphas' in str(e) else
+          f"select: --pick_alpha={_PICK_ALPHA.value!r}: expected a number or 'best'",
+          file=sys.stderr)
+    sys.exit(2)
+
+  runs, skipped, files = load_runs(workdirs, _METRIC.value, _LOSS.value, _LAST_N.value)
+  if files:
+    print(f'ignored {len(files)} plain file(s): {", ".join(os.path.basename(f) for f in files)}')
+  for d, reason in skipped:
+    print(f'skipped {d}: {reason}')
+  if len(runs) < MIN_RUNS:
+    sys.stdout.flush()
+    print(f'select: {len(runs)} usable run(s) with {_METRIC.value}, need at least {MIN_RUNS} '
+          f'({len(skipped)} skipped, reasons above)', file=sys.stderr)
+    sys.exit(2)
+  conventions = sorted({r.convention for r in runs})
+  if len(conventions) > 1:
+    print(f'warning: the runs mix loss conventions {conventions}: their losses are not on '
+          'one scale')
+  sel = select(runs, alphas, pick)
+
+  print(f'\n{len(runs)} runs ranked by the label-free score {_LOSS.value} / lamb^'
+        f'{sel.pick_alpha:g} (final loss = mean of the last {_LAST_N.value} logged values); '
+        f'accuracy = {_METRIC.value}\n')
+  print(table(sel))
+  n_zero = sum(r.lamb <= 0 for r in runs)
+  print('\nSpearman rho(score, accuracy); -1 = lower score always means higher accuracy '
+        '(the paper quotes -rho: 94.5% / 99%).')
+  print(f'  alpha = 0 (the loss itself), {len(runs)} runs: rho = {_fmt(sel.rho_alpha0, ".3f")}')
+  if n_zero:
+    print(f'  {n_zero} run(s) with lamb = 0 cannot be divided by lamb^alpha: left out of the '
+          f'alpha search{" and the pick" if sel.pick_alpha else ""}; alpha = 0 on the other '
+          f'{len(runs) - n_zero}: rho = {_fmt(sel.rho_alpha0_scalable, ".3f")}')
+  if math.isfinite(sel.fit.alpha):
+    lo, hi = sel.fit.alpha_range
+    print(f'  best alpha in [{alphas[0]:g}, {alphas[-1]:g}]: {sel.fit.alpha:g} (rho = '
+          f'{sel.fit.rho:.3f}, the same for alpha in [{lo:g}, {hi:g}])')
+  else:
+    print('  best alpha: none (fewer than 3 runs with lamb > 0, or no ranking to correlate)')
+  print(f'  pick alpha {sel.pick_alpha:g}: rho = {_fmt(sel.rho_pick, ".3f")}')
+  gap = sel.best.accuracy - sel.picked.accuracy
+  print(f'\nPicked (lowest score): {sel.picked.dir}  accuracy {sel.picked.accuracy:.4f}; best '
+        f'run: {sel.best.dir}  accuracy {sel.best.accuracy:.4f} (gap {gap:.4f})')
+
+  plot_path = _PLOT.value
+  if plot_path is None:
+    plot_path = default_plot_path([r.dir for r in runs])
+  if plot_path.lower() in ('', 'none'):
+    plot_path = None
+  else:
+    plot(sel, plot_path, _METRIC.value, _LOSS.value)
+    print(f'plot: {plot_path}')
+  print(json.dumps(summary(sel, skipped, plot_path)))
+
+
+if __name__ == '__main__':
+  app.run(main)
