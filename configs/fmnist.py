@@ -102,6 +102,15 @@ def get_config(arg=None):
   c.optim.probe_lr = 1e-3
   c.optim.probe_weight_decay = 1e-6
 
+  # Embedding diagnostics on the first 512 test images (diag/* in metrics.jsonl; a warning in
+  # the log when the representation collapses) and PNG plots into WORKDIR/plots/ at the end.
+  c.diagnostics = ml_collections.ConfigDict()
+  c.diagnostics.every = 100
+  c.diagnostics.num_images = 512
+  c.diagnostics.min_rank_fraction = 0.1   # measured: benchmarks/diagnostics_thresholds.py
+  c.diagnostics.min_proj_var = 0.1
+  c.diagnostics.plots = True
+
   c.eval = ml_collections.ConfigDict()   # frozen-feature extraction for the evaluators
   c.eval.batch_size = 1000
   c.eval.max_examples = 0         # 0: the full splits
@@ -134,6 +143,8 @@ def get_config(arg=None):
     c.eval.max_examples = 2000
     c.evals.linear_probe.lrs = (3e-3,)
     c.evals.linear_probe.epochs = 5
+    c.diagnostics.every = 5
+    c.diagnostics.num_images = 64
     c.evals.knn_curve.every = 10
     c.evals.knn_curve.max_examples = 500
     c.evals.fewshot.shots = (1, 5)

@@ -123,6 +123,13 @@ def imagenet_vit(variant: str, patch_size: int, *, epochs: float, batch_size: in
   c.eval = e = ml_collections.ConfigDict()
   e.batch_size = 2048
   e.max_examples = 0
+  c.diagnostics = ml_collections.ConfigDict()   # lejepa_jax/diagnostics.py
+  c.diagnostics.every = IMAGENET_TRAIN_SIZE // batch_size       # once an epoch
+  c.diagnostics.num_images = 1024
+  c.diagnostics.min_rank_fraction = 0.1   # measured on fmnist only
+  c.diagnostics.min_proj_var = 0.1
+  c.diagnostics.plots = True
+
   # Evaluators (lejepa_jax/evaluators/suite.py); every: training steps between runs (0: end).
   c.evals = ml_collections.ConfigDict()
   c.evals.linear_probe = dict(type='linear_probe', every=0, lrs=(1e-4, 3e-4, 1e-3, 3e-3),
@@ -143,6 +150,7 @@ def runlocal_of(config):
   local.model.attention = ''
   local.mesh = dict(config.mesh)
   local.lamb = config.lamb
+  local.diagnostics = dict(config.diagnostics, every=5, num_images=64)
   # The same evaluators at the end only, with the toy options of fmnist's evaluator of their type.
   toy = {entry['type']: dict(entry) for entry in local.evals.values()}
   local.evals = ml_collections.ConfigDict()

@@ -105,6 +105,13 @@ KEYS: dict[str, tuple[bool, str]] = {
     # evaluation
     'eval.batch_size': (REQUIRED, 'feature-extraction batch; divisible like batch_size'),
     'eval.max_examples': (OPTIONAL, 'cap per split [0: the full splits]'),
+    # embedding diagnostics (lejepa_jax/diagnostics.py) and plots
+    'diagnostics.every': (OPTIONAL, 'steps between embedding diagnostics (RankMe, spectrum, '
+                                    'SIGReg of the backbone, variances) [0: off]'),
+    'diagnostics.num_images': (OPTIONAL, 'the first N test images, a fixed batch [512]'),
+    'diagnostics.min_rank_fraction': (OPTIONAL, 'collapse warning below this x max RankMe [0.1]'),
+    'diagnostics.min_proj_var': (OPTIONAL, 'collapse warning below this projector variance [0.1]'),
+    'diagnostics.plots': (OPTIONAL, 'PNG plots into WORKDIR/plots/ at the end [True]'),
     'evals': (OPTIONAL, 'free-form dict NAME -> {type, every, max_examples, options...}: the '
                         'evaluators (lejepa_jax/evaluators/suite.py checks their options) '
                         '[linear_probe and knn at the end]'),

@@ -90,10 +90,7 @@ def main(argv):
 
 
 def _write_plots(workdir) -> None:
-  try:
-    from lejepa_jax import plots
-  except ImportError:
-    return
+  from lejepa_jax import plots
   for path in plots.write_plots(workdir):
     print(f'plot: {path}')
 

@@ -20,9 +20,11 @@ import numpy as np
 
 from lejepa_jax import checkpoint as ckpt_lib
 from lejepa_jax import config_schema
+from lejepa_jax import diagnostics
 from lejepa_jax import losses
 from lejepa_jax import metrics as metrics_lib
 from lejepa_jax import optim
+from lejepa_jax import plots
 from lejepa_jax import preemption
 from lejepa_jax import run_config
 from lejepa_jax import sharding as sharding_lib
@@ -178,7 +180,8 @@ class _FiniteGuard:
 _INTERNAL_METRICS = ('train/finite', 'train/grads_finite', 'train/nonfinite_streak')
 
 
-def _train(config, programs, mesh, data_iter, steps_total, mngr, writer, notice, runner):
+def _train(config, programs, mesh, data_iter, steps_total, mngr, writer, notice, runner,
+           monitor, workdir):
   """Restores (or initialises) the state and trains to steps_total; returns the state.
 
   The only host-device synchronisation is at logging, checkpoint and evaluation steps,
@@ -215,19 +218,30 @@ def _train(config, programs, mesh, data_iter, steps_total, mngr, writer, notice,
     log_now = step % config.log_every == 0 or step == steps_total
     save_now = step % config.checkpoint_every == 0 or step == steps_total or preempted
     evals_now = suite.due(eval_specs, step) if step < steps_total else []
-    if not (log_now or save_now or evals_now):
+    diag_now = monitor.due(step)
+    if not (log_now or save_now or evals_now or diag_now):
       batch = next_batch()     # overlaps the step just dispatched
       continue
     history = jax.device_get(pending)
     pending.clear()
     guard.check(history)       # before any save: a non-finite state is never written
+    diag = {}
+    if diag_now:
+      with progress.paused():
+        diag, arrays, warning = monitor(step, steps.variables(state))
+        if jax.process_index() == 0:
+          plots.save_arrays(workdir, step, arrays)
+      if warning:
+        logging.warning('%s', warning)
+      if not log_now:
+        writer.write(step, diag)
     if log_now:
       speed = progress.update(step)
       scalars = {k: v for k, v in history[-1][1].items() if k not in _INTERNAL_METRICS}
       scalars.update({'train/lr': float(schedule(step - 1)),
                       'train/images_per_sec': speed['images_per_sec'],
                       'train/step_seconds': speed['step_seconds'],
-                      'train/data_wait_fraction': speed['data_wait_fraction']})
+                      'train/data_wait_fraction': speed['data_wait_fraction'], **diag})
       writer.write(step, scalars)
       metrics_lib.log_line(step, steps_total, {k: scalars[k] for k in (
           'train/loss', 'train/inv', 'train/sigreg', 'train/probe_top1',
@@ -331,10 +345,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
 
   runner = suite.Runner(config, programs, train_source=train_source, test_source=test_source)
   with sharding_lib.activate(mesh):
+    monitor = diagnostics.Monitor(config, programs, test_source)
     with preemption.Watcher(config.log_every) as notice:
       try:
         state = _train(config, programs, mesh, data_iter, steps_total, mngr, writer, notice,
-                       runner)
+                       runner, monitor, workdir)
       except BaseException:
         # Preempted, non-finite, interrupted...: an in-flight save still completes (and is
         # renamed into place) before the exception leaves.
@@ -350,7 +365,18 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
   _log_results(steps_total, results)
   print(f'[lejepa_jax] final frozen evaluation on {config.data.test_split}: '
         + summary(results), flush=True)
+  if jax.process_index() == 0 and (config.get('diagnostics') or {}).get('plots', True):
+    write_plots(workdir)
   return results
+
+
+def write_plots(workdir) -> None:
+  """PNGs of the run into WORKDIR/plots/; a plotting failure is logged, never fatal."""
+  try:
+    for path in plots.write_plots(workdir):
+      logging.info('plot: %s', path)
+  except Exception as e:  # pylint: disable=broad-except  (the run itself is done and saved)
+    logging.warning('could not write the plots into %s/plots: %s', workdir, e)
 
 
 def summary(results: dict) -> str:
