@@ -114,6 +114,7 @@ def get_config(arg=None):
   c.eval = ml_collections.ConfigDict()   # frozen-feature extraction for the evaluators
   c.eval.batch_size = 1000
   c.eval.max_examples = 0         # 0: the full splits
+  c.eval.features = 'probe'       # or 'embedding' (final CLS), 'projection' (projector output)
 
   # Evaluators (lejepa_jax/evaluators/suite.py): name -> type, every (0: at the end only),
   # max_examples (0: eval.max_examples) and the type's options. Each writes eval/NAME_*.

@@ -123,6 +123,7 @@ def imagenet_vit(variant: str, patch_size: int, *, epochs: float, batch_size: in
   c.eval = e = ml_collections.ConfigDict()
   e.batch_size = 2048
   e.max_examples = 0
+  e.features = 'probe'               # or 'embedding', 'projection' (steps.FEATURES)
   c.diagnostics = ml_collections.ConfigDict()   # lejepa_jax/diagnostics.py
   c.diagnostics.every = IMAGENET_TRAIN_SIZE // batch_size       # once an epoch
   c.diagnostics.num_images = 1024

@@ -105,6 +105,9 @@ KEYS: dict[str, tuple[bool, str]] = {
     # evaluation
     'eval.batch_size': (REQUIRED, 'feature-extraction batch; divisible like batch_size'),
     'eval.max_examples': (OPTIONAL, 'cap per split [0: the full splits]'),
+    'eval.features': (OPTIONAL, "what the evaluators see: 'probe' (CLS of the last two blocks), "
+                                "'embedding' (final CLS) or 'projection' (projector output) "
+                                "[probe]"),
     # embedding diagnostics (lejepa_jax/diagnostics.py) and plots
     'diagnostics.every': (OPTIONAL, 'steps between embedding diagnostics (RankMe, spectrum, '
                                     'SIGReg of the backbone, variances) [0: off]'),

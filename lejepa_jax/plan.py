@@ -454,7 +454,8 @@ def assess(config, devices, *, total_steps: int, usable: int, sizes=None,
     if sizes:
       from lejepa_jax.evaluators import features as features_lib
       from lejepa_jax.evaluators import suite
-      e, dim = config.eval, 2 * programs.model.encoder.width
+      e = config.eval
+      dim = steps.feature_dim(config, programs.model)
       by_size = {}       # evaluators with the same cap share one feature extraction
       for spec in suite.specs(config):
         cap = suite.cap(config, spec)

@@ -152,6 +152,28 @@ def _unbox(tree):
                       else x, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
+def _embedding(module, images):
+  return module.vit(images)['cls']
+
+
+def _projection(module, images):
+  return module.projector(module.vit(images)['cls'], train=False)
+
+
+# eval.features -> what the frozen evaluators see: the paper's probe features (CLS tokens of
+# the last two blocks, concatenated), the final CLS embedding (the projector's input), or the
+# projector's output (BatchNorm with its running statistics).
+FEATURES = {'probe': models.LeJEPAModel.features, 'embedding': _embedding,
+            'projection': _projection}
+
+
+def feature_dim(config, model) -> int:
+  """Width of the features `Programs.features` returns for config.eval.features."""
+  kind = config.eval.get('features', 'probe')
+  return {'probe': 2 * model.encoder.width, 'embedding': model.encoder.width,
+          'projection': model.projector_out}[kind]
+
+
 @dataclasses.dataclass(frozen=True)
 class Programs:
   """A run's model, optimizer, state layout and jitted functions (see `build`)."""
@@ -193,9 +215,9 @@ def build(config, mesh, total_steps: int) -> Programs:
   step = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
                  in_shardings=(state_shardings, batch),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
+  method = FEATURES[config.eval.get('features', 'probe')]
   features = jax.jit(
-      lambda variables, images: model.apply(variables, images,
-                                            method=models.LeJEPAModel.features),
+      lambda variables, images: model.apply(variables, images, method=method),
       in_shardings=(variables(state_shardings), batch), out_shardings=batch)
   return Programs(model=model, tx=tx, mesh=mesh, abstract_state=abstract_state,
                   state_shardings=state_shardings, init=init, train_step=step,

@@ -110,6 +110,8 @@ def validate(config) -> None:
     problems.append('checkpoint_every and log_every must be >= 1')
   if config.get('checkpoint_max_to_keep', 2) < 1 or config.get('checkpoint_keep_every', 0) < 0:
     problems.append('checkpoint_max_to_keep must be >= 1 and checkpoint_keep_every >= 0 (0: none)')
+  if config.eval.get('features', 'probe') not in steps.FEATURES:
+    problems.append(f'eval.features={config.eval.features!r}: one of {sorted(steps.FEATURES)}')
   if config.get('nonfinite', 'stop') not in steps.NONFINITE_POLICIES:
     problems.append(f'nonfinite={config.nonfinite!r}: one of {steps.NONFINITE_POLICIES}')
   if config.get('nonfinite_max_skips', 10) < 1:

@@ -82,6 +82,13 @@ def test_evaluate_an_earlier_step_with_chosen_evaluators_and_overrides(run):
   line = _lines(workdir)[n]
   assert line['step'] == 10
   assert set(line) == {'step', 'eval/knn_top1', 'eval/knn_k1_top1', 'eval/knn_k3_top1'}
+  # The projector's output instead of the probe features: its own keys, never mixed up.
+  out = _evaluate(workdir, '--evals=knn', '--config.eval.features=projection')
+  assert out.returncode == 0, out.stderr[-3000:]
+  line = _lines(workdir)[n + 1]
+  assert set(line) == {'step', 'eval/projection/knn_top1', 'eval/projection/knn_k10_top1',
+                       'eval/projection/knn_k20_top1', 'eval/projection/knn_k50_top1'}
+  assert 0.1 < line['eval/projection/knn_top1'] <= 1.0
 
 
 @pytest.mark.parametrize('flags, message', [

@@ -12,7 +12,9 @@ always runs at the end of training and in `python -m lejepa_jax.evaluate`);
 keys are the keyword options of the type's `evaluate`. Every evaluator has the same
 interface: `evaluate(train: Features, test: Features, num_classes, *, mesh, seed,
 **options) -> {'TYPE_KEY': float}`, and its results are logged as `eval/NAME_KEY`
-(so the evaluator named linear_probe writes eval/linear_probe_top1).
+(so the evaluator named linear_probe writes eval/linear_probe_top1). With
+eval.features = 'embedding' or 'projection' (not the paper's probe features) the keys are
+eval/embedding/NAME_KEY or eval/projection/NAME_KEY.
 Evaluators due at the same step with the same cap share one feature extraction.
 """
 from __future__ import annotations
@@ -160,6 +162,8 @@ class Runner:
     """{'eval/NAME_KEY': value} of every evaluator in run_specs."""
     results, cached = {}, {}
     num_classes, mesh = self.config.data.num_classes, self.programs.mesh
+    features = self.config.eval.get('features', 'probe')
+    prefix = 'eval/' if features == 'probe' else f'eval/{features}/'  # never mixed up
     for spec in run_specs:
       n = cap(self.config, spec)
       if n not in cached:
@@ -170,7 +174,7 @@ class Runner:
       out = evaluate(train, test, num_classes, mesh=mesh, seed=self.config.seed, **spec.options)
       for key, value in out.items():
         key = key[len(spec.type) + 1:] if key.startswith(spec.type + '_') else key
-        results[f'eval/{spec.name}_{key}'] = float(value)
+        results[f'{prefix}{spec.name}_{key}'] = float(value)
       logging.info('evaluator %s (%s) done in %.0fs', spec.name, spec.type,
                    time.perf_counter() - t)
     return results
