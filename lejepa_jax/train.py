@@ -382,7 +382,9 @@ def write_plots(workdir) -> None:
 
 
 def summary(results: dict) -> str:
-  """'linear probe top-1 0.8420, k-NN top-1 0.8160, ...': the top-1 figures of `results`."""
+  """'linear probe top-1 0.8420, k-NN top-1 0.8160, fewshot_1shot_top1 ...': the top-1
+  figures of `results`, the paper's two first."""
   names = {'eval/linear_probe_top1': 'linear probe top-1', 'eval/knn_top1': 'k-NN top-1'}
-  return ', '.join(f'{names.get(k, k[len("eval/"):])} {v:.4f}' for k, v in results.items()
-                   if k.endswith('top1'))
+  keys = [k for k in names if k in results] + sorted(
+      k for k in results if k.endswith('top1') and k not in names)
+  return ', '.join(f'{names.get(k, k[len("eval/"):])} {results[k]:.4f}' for k in keys)
