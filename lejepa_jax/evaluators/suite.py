@@ -164,7 +164,8 @@ class Runner:
     num_classes, mesh = self.config.data.num_classes, self.programs.mesh
     features = self.config.eval.get('features', 'probe')
     prefix = 'eval/' if features == 'probe' else f'eval/{features}/'  # never mixed up
-    for spec in run_specs:
+    # Grouped by cap (stable: config order within a group): one extraction per cap.
+    for spec in sorted(run_specs, key=lambda s: cap(self.config, s)):
       n = cap(self.config, spec)
       if n not in cached:
         cached = {n: self.features(variables, n)}   # keep one set alive at a time
