@@ -385,6 +385,6 @@ def summary(results: dict) -> str:
   """'linear probe top-1 0.8420, k-NN top-1 0.8160, fewshot_1shot_top1 ...': the top-1
   figures of `results`, the paper's two first."""
   names = {'eval/linear_probe_top1': 'linear probe top-1', 'eval/knn_top1': 'k-NN top-1'}
-  keys = [k for k in names if k in results] + sorted(
-      k for k in results if k.endswith('top1') and k not in names)
+  first = lambda k: (not k.endswith('linear_probe_top1'), not k.endswith('/knn_top1'), k)
+  keys = sorted((k for k in results if k.endswith('top1')), key=first)
   return ', '.join(f'{names.get(k, k[len("eval/"):])} {results[k]:.4f}' for k in keys)
