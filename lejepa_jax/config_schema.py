@@ -90,6 +90,8 @@ KEYS: dict[str, tuple[bool, str]] = {
     'model.dtype': (OPTIONAL, 'activation dtype [float32]'),
     'model.remat': (OPTIONAL, 'rematerialisation policy [none]'),
     'model.scan': (OPTIONAL, 'scan over layers [True]'),
+    'model.cls_only_last': (OPTIONAL, 'unrolled ViT: the last block computes only the CLS '
+                                      'tokens (nothing else reads them) [True]'),
     'model.attention': (OPTIONAL, "dot_product_attention implementation ['': jax picks]"),
     'model.projector_hidden': (REQUIRED, 'hidden widths of the BatchNorm MLP projector'),
     'model.projector_out': (REQUIRED, 'projector output dimension (SIGReg acts here)'),

@@ -536,7 +536,9 @@ def exact_flops(config, *, total_steps: int, depth: int, names=('train_step', 'f
   before partitioning: the same config unrolled (model.scan=False) at depth 1 and 2,
   lowered (not compiled) on one CPU device, `Lowered.cost_analysis()`, extrapolated
   linearly in depth: F(L) = F(1) + (L - 1) * (F(2) - F(1)). The remat policy's
-  recomputation is explicit in the lowered program, so it is counted.
+  recomputation is explicit in the lowered program, so it is counted. The unrolled ViT
+  computes only the CLS tokens in its last block (model.cls_only_last); that is kept for
+  unrolled configs and turned off for scanned ones, whose blocks compute every token.
   """
   import jax
   from lejepa_jax import sharding as sharding_lib
@@ -544,6 +546,8 @@ def exact_flops(config, *, total_steps: int, depth: int, names=('train_step', 'f
   counts = {}
   for d in (1, 2):
     c = with_overrides(config, depth=d, scan=False, mesh={'data': 1, 'fsdp': 1, 'tensor': 1})
+    with c.unlocked():   # count what the run executes: scanned blocks compute every token
+      c.model.cls_only_last = bool(config.model.get('cls_only_last', True)) and not config.model.scan
     mesh = sharding_lib.make_mesh(c.get('mesh'), devices=jax.devices('cpu')[:1])
     p = steps.build(c, mesh, total_steps)
     s = p.abstract_state

@@ -146,3 +146,19 @@ def test_attention_in_bfloat16_stays_close_to_float32():
   np.testing.assert_allclose(np.asarray(out16, np.float32), out32, atol=0.05)
   with pytest.raises(ValueError, match='model.attention'):
     _small(attention='flash')
+
+
+@pytest.mark.parametrize('scan', [True, False])
+def test_packed_views_equal_separate_calls(scan):
+  """All views of an image in one packed sequence give each view's own encoding."""
+  model = vit.ViT(_small(scan=scan, num_registers=1))
+  g = jax.random.normal(jax.random.key(9), (3, 2, 32, 32, 3))
+  l = jax.random.normal(jax.random.key(10), (3, 4, 16, 16, 3))
+  params = model.init(jax.random.key(0), g[:, 0])
+  packed = model.apply(params, [g, l])
+  for start, views in ((0, g), (2, l)):
+    alone = model.apply(params, views.reshape((-1,) + views.shape[2:]))
+    for key in ('cls', 'probe_features'):
+      np.testing.assert_allclose(
+          packed[key][:, start:start + views.shape[1]].reshape(alone[key].shape), alone[key],
+          rtol=1e-5, atol=1e-5)

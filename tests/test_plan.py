@@ -292,6 +292,8 @@ def test_flops_extrapolated_in_depth_equal_the_unrolled_program():
   config = plan.with_overrides(vitg.get_config('runlocal'), depth=4)
   exact = plan.exact_flops(config, total_steps=20, depth=4)
   unrolled = plan.with_overrides(config, scan=False, mesh={'data': 1, 'fsdp': 1, 'tensor': 1})
+  with unrolled.unlocked():
+    unrolled.model.cls_only_last = False   # every token in every block, as the scanned program
   mesh = sharding.make_mesh(unrolled.mesh, devices=jax.devices()[:1])
   p = steps.build(unrolled, mesh, 20)
   with sharding.activate(mesh):

@@ -23,6 +23,7 @@ from configs import fmnist
 from lejepa_jax import checkpoint as ckpt_lib
 from lejepa_jax import train
 from lejepa_jax.data import pipeline
+from lejepa_jax.evaluators import suite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 12, 4
@@ -169,8 +170,8 @@ def test_sigterm_checkpoints_at_the_next_step_exits_0_and_resumes_to_the_bit(tmp
 
 @pytest.fixture
 def no_final_eval(monkeypatch):
-  monkeypatch.setattr(train, 'evaluate', lambda *a, **k: {'linear_probe_top1': 0.0,
-                                                          'knn_top1': 0.0})
+  monkeypatch.setattr(suite.Runner, '__call__', lambda *a, **k: {'eval/linear_probe_top1': 0.0,
+                                                                 'eval/knn_top1': 0.0})
 
 
 def _config(**overrides):

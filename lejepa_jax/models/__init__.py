@@ -29,17 +29,15 @@ class LeJEPAModel(nn.Module):
     probe features of the global views (Vg, B, F).
     """
     b, vg = global_views.shape[:2]
-    # Flatten (B, V) in this order so that batch sharding carries over.
-    enc_global = self.vit(global_views.reshape((b * vg,) + global_views.shape[2:]))
-    embeddings = [enc_global['cls'].reshape(b, vg, -1)]
+    # All views of an image run as one packed token sequence (see ViT).
+    views = [global_views]
     if local_views is not None and local_views.shape[1]:
-      vl = local_views.shape[1]
-      enc_local = self.vit(local_views.reshape((b * vl,) + local_views.shape[2:]))
-      embeddings.append(enc_local['cls'].reshape(b, vl, -1))
-    emb = jnp.concatenate(embeddings, axis=1)                     # (B, V, D)
+      views.append(local_views)
+    enc = self.vit(views)
+    emb = enc['cls']                                                # (B, V, D), global first
+    features = jax.lax.stop_gradient(enc['probe_features'][:, :vg]).reshape(b * vg, -1)
     v = emb.shape[1]
     proj = self.projector(emb.reshape(b * v, -1), train=train).reshape(b, v, -1)
-    features = jax.lax.stop_gradient(enc_global['probe_features'])
     logits = self.probe(features).reshape(b, vg, -1)
     return {'proj': jnp.swapaxes(proj, 0, 1),
             'probe_logits': jnp.swapaxes(logits, 0, 1),
@@ -58,6 +56,7 @@ def build_model(config) -> LeJEPAModel:
                    **sizes, num_registers=m.get('num_registers', 0),
                    remat=m.get('remat', 'none'), scan=m.get('scan', True),
                    attention=m.get('attention') or None,
+                   cls_only_last=m.get('cls_only_last', True),
                    dtype=jnp.dtype(m.get('dtype', 'float32')))
   return LeJEPAModel(encoder=enc, projector_hidden=tuple(m.projector_hidden),
                      projector_out=m.projector_out, num_classes=config.data.num_classes)

@@ -4,6 +4,16 @@ Parameters and activations carry logical axis names ('embed', 'mlp', 'heads',
 'kv', 'layers', 'batch', 'seq'); `lejepa_jax.sharding` maps them to mesh axes.
 Blocks run under `nn.scan` (one compiled block, stacked parameters) with an
 optional remat policy, so depth costs neither compile time nor activations.
+
+Speed (measured with benchmarks/train_step.py; each is exact up to float rounding):
+- all views of an image (global and local crops) run as one packed token sequence, so
+  token-wise layers are one matmul per layer, not one per crop size;
+- with unrolled blocks (model.scan=False) the last block computes its CLS tokens only
+  (nothing else reads it), with keys and values folded into the query
+  (`_attention_cls_queries`): 40% fewer FLOPs for the 2-block CPU default
+  (ViTConfig.cls_only_last, model.cls_only_last; the scanned blocks compute every token);
+- GELU is recomputed in the backward pass and the MLP's dense layers choose which operand
+  their weight gradient transposes (`_dense_bwd`): fewer passes over the widest activations.
 """
 from __future__ import annotations
 
@@ -47,6 +57,9 @@ class ViTConfig:
   remat: str = 'none'
   scan: bool = True
   attention: str | None = None  # jax.nn.dot_product_attention implementation: None, 'xla', 'cudnn'
+  # With scan=False, the last block computes its CLS tokens only (the same outputs, fewer
+  # FLOPs); False computes every token, as the scanned blocks always do.
+  cls_only_last: bool = True
 
 
 def vit_config(variant: str, *, patch_size: int, image_size: int, **overrides) -> ViTConfig:
@@ -67,10 +80,52 @@ def vit_config(variant: str, *, patch_size: int, image_size: int, **overrides) -
   return ViTConfig(patch_size=patch_size, image_size=image_size, **base)
 
 
+@jax.custom_vjp
+def _dense_apply(x, kernel, bias):
+  return jnp.dot(x, kernel) + bias
+
+
+def _dense_fwd(x, kernel, bias):
+  return _dense_apply(x, kernel, bias), (x, kernel)
+
+
+def _dense_bwd(residuals, dy):
+  # What autodiff computes, with the kernel gradient taken as (dy^T x)^T when the input is
+  # the wider side (mlp_out): XLA then transposes dy, not the 4x larger input.
+  x, kernel = residuals
+  x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+  if x.shape[-1] > dy.shape[-1]:
+    dkernel = jnp.dot(dy2.T, x2).T
+  else:
+    dkernel = jnp.dot(x2.T, dy2)
+  return jnp.dot(dy, kernel.T), dkernel, jnp.sum(dy2, axis=0)
+
+
+_dense_apply.defvjp(_dense_fwd, _dense_bwd)
+
+
+class Dense(nn.Module):
+  """nn.Dense (same parameters) with a backward pass chosen for speed on CPUs."""
+  features: int
+  axes: tuple
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', nn.with_logical_partitioning(
+        nn.initializers.xavier_uniform(), self.axes), (x.shape[-1], self.features))
+    bias = self.param('bias', nn.with_logical_partitioning(
+        nn.initializers.zeros, self.axes[-1:]), (self.features,))
+    return _dense_apply(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
+
+
 def _dense(features, axes, dtype, name=None):
-  return nn.Dense(features, dtype=dtype, name=name,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+  return Dense(features, axes, dtype, name=name)
+
+
+# GELU keeps only its input for the backward pass and recomputes the rest there, instead of
+# writing its tanh and reading it back: two fewer passes over the widest activations.
+_gelu = jax.checkpoint(nn.gelu)
 
 
 def _layer_norm(dtype, name=None):
@@ -79,24 +134,87 @@ def _layer_norm(dtype, name=None):
                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))
 
 
+# A packed token sequence holds, for every image, the tokens of all its views one view after
+# another: `views` = ((V_0, S_0), (V_1, S_1), ...) says V_i views of S_i tokens each, CLS first.
+# Token-wise layers (LayerNorm, projections, MLP) see one (B, sum V_i S_i, D) array; only
+# attention splits it back into views.
+
+def _split_views(x, views):
+  """(B, sum V_i S_i, ...) -> [(B * V_i, S_i, ...)] (tokens of each view)."""
+  out, start = [], 0
+  for v, s in views:
+    part = x[:, start:start + v * s]
+    out.append(part.reshape((x.shape[0] * v, s) + x.shape[2:]))
+    start += v * s
+  return out
+
+
+def _join_views(parts, batch):
+  """Inverse of _split_views: [(B * V_i, S_i, ...)] -> (B, sum V_i S_i, ...)."""
+  parts = [p.reshape((batch, -1) + p.shape[2:]) for p in parts]
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+
+def _cls_tokens(x, views):
+  """The first token of every view: (B, sum V_i S_i, D) -> (B, sum V_i, D)."""
+  parts, start = [], 0
+  for v, s in views:
+    parts.append(x[:, start:start + v * s:s])
+    start += v * s
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+
+def _attention_cls_queries(x, x_q, kernel, bias):
+  """Attention of one query token per view, x_q (N, 1, D), over that view's tokens x (N, S, D).
+
+  Keys and values are never projected: q.k_s = (q Wk^T).x_s and sum_s p_s v_s =
+  (sum_s p_s x_s) Wv + bv, since the probabilities sum to one. The key bias adds the same
+  constant to all of a query's logits, which the softmax cancels, so it drops out (its
+  gradient is exactly zero, as it is mathematically in the usual form). Per token this costs
+  heads x width multiply-adds instead of the 2 x width^2 of projecting keys and values.
+  """
+  scale = kernel.shape[-1] ** -0.5
+  q = jnp.einsum('ntd,dhk->nthk', x_q, kernel[:, 0]) + bias[0]
+  q_keys = jnp.einsum('nthk,dhk->nthd', q, kernel[:, 1])
+  logits = jnp.einsum('nthd,nsd->nhts', q_keys, x, preferred_element_type=jnp.float32) * scale
+  probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
+  context = jnp.einsum('nhts,nsd->nthd', probs, x)
+  return jnp.einsum('nthd,dhk->nthk', context, kernel[:, 2]) + bias[2]
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention with (embed, heads, head_dim) kernels for sharding."""
+  """Multi-head self-attention with (embed, heads, head_dim) kernels for sharding.
+
+  x: (B, S, D), or packed views (B, sum V_i S_i, D) with `views` set (see _split_views);
+  each view attends within itself. cls_only: only the first token of each view is a query
+  and the output is (B, sum V_i, D) (the last block, whose other tokens nothing reads).
+  """
   config: ViTConfig
+  views: tuple | None = None
+  cls_only: bool = False
 
   @nn.compact
   def __call__(self, x):
     cfg = self.config
     head_dim = cfg.width // cfg.num_heads
+    views = self.views or ((1, x.shape[1]),)
     init = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2, 3))
     qkv_kernel = self.param('qkv_kernel', nn.with_logical_partitioning(
         init, ('embed', None, 'heads', 'kv')), (cfg.width, 3, cfg.num_heads, head_dim))
     qkv_bias = self.param('qkv_bias', nn.with_logical_partitioning(
         nn.initializers.zeros, (None, 'heads', 'kv')), (3, cfg.num_heads, head_dim))
-    qkv = jnp.einsum('bsd,dthk->tbshk', x, qkv_kernel.astype(cfg.dtype)) + \
-        qkv_bias.astype(cfg.dtype)[:, None, None]
-    # One place to pick the kernel: XLA everywhere, cuDNN flash attention on GPUs
-    # (model.attention='cudnn'); logits and softmax are computed in float32.
-    y = jax.nn.dot_product_attention(qkv[0], qkv[1], qkv[2], implementation=cfg.attention)
+    kernel, bias = qkv_kernel.astype(cfg.dtype), qkv_bias.astype(cfg.dtype)
+    if self.cls_only:
+      y = [_attention_cls_queries(xv, xv[:, :1], kernel, bias) for xv in _split_views(x, views)]
+    else:
+      # (B, S, 3, heads, head_dim): the projection's own layout, no transposes.
+      qkv = jnp.einsum('bsd,dthk->bsthk', x, kernel) + bias
+      # One place to pick the kernel: XLA everywhere, cuDNN flash attention on GPUs
+      # (model.attention='cudnn'); logits and softmax are computed in float32.
+      y = [jax.nn.dot_product_attention(a[:, :, 0], a[:, :, 1], a[:, :, 2],
+                                        implementation=cfg.attention)
+           for a in _split_views(qkv, views)]
+    y = _join_views(y, x.shape[0])
     out_kernel = self.param('out_kernel', nn.with_logical_partitioning(
         nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2), ('heads', 'kv', 'embed')),
         (cfg.num_heads, head_dim, cfg.width))
@@ -106,22 +224,33 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block; returns (tokens, CLS token) for nn.scan."""
+  """Pre-norm transformer block; returns (tokens, CLS tokens) for nn.scan.
+
+  x: (B, S, D) or packed views (see Attention). The second output is the CLS token,
+  (B, D), or the CLS token of every view, (B, sum V_i, D), when `views` is set.
+  cls_only: compute only the CLS tokens' outputs (the first output is then the CLS tokens).
+  """
   config: ViTConfig
+  views: tuple | None = None
+  cls_only: bool = False
 
   @nn.compact
   def __call__(self, x, _=None):
     cfg = self.config
+    views = self.views or ((1, x.shape[1]),)
     y = _layer_norm(cfg.dtype, 'norm1')(x)
-    y = Attention(cfg, name='attn')(y)
+    y = Attention(cfg, self.views, self.cls_only, name='attn')(y)
+    if self.cls_only:
+      x = _cls_tokens(x, views)
     x = x + y
     y = _layer_norm(cfg.dtype, 'norm2')(x)
     y = _dense(cfg.mlp_dim, ('embed', 'mlp'), cfg.dtype, 'mlp_in')(y)
-    y = nn.gelu(y)
+    y = _gelu(y)
     y = nn.with_logical_constraint(y, ('batch', 'seq', 'mlp'))
     y = _dense(cfg.width, ('mlp', 'embed'), cfg.dtype, 'mlp_out')(y)
     x = nn.with_logical_constraint(x + y, ('batch', 'seq', 'embed'))
-    return x, x[:, 0]
+    cls = x if self.cls_only else _cls_tokens(x, views)
+    return x, (cls if self.views else cls[:, 0])
 
 
 def _resize_grid(pos: jax.Array, grid: int, new_grid: int) -> jax.Array:
@@ -135,41 +264,60 @@ def _resize_grid(pos: jax.Array, grid: int, new_grid: int) -> jax.Array:
 
 
 class ViT(nn.Module):
-  """ViT encoder. images (B, H, W, C) with H == W a multiple of the patch size.
+  """ViT encoder.
 
-  Returns a dict:
+  images: (B, H, W, C) with H == W a multiple of the patch size; returns a dict
     'cls': final-LayerNorm CLS token (B, D), the input of the projector;
     'probe_features': CLS tokens of the last two blocks concatenated (B, 2D),
       the frozen-evaluation features (paper's probe protocol).
+  Or several views of each image, a sequence of arrays (B, V_i, H_i, W_i, C) (e.g. global
+  and local crops): all views run as one packed token sequence per image (token-wise layers
+  see every view at once; attention stays within a view), and the outputs are (B, sum V_i, D)
+  and (B, sum V_i, 2D), views in the order given.
   Position embeddings are learned on the global-crop grid and resized
   bilinearly for other crop sizes (local crops).
   """
   config: ViTConfig
 
   @nn.compact
-  def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
+  def __call__(self, images) -> dict[str, jax.Array]:
     cfg = self.config
-    b, h, w, _ = images.shape
-    if h != w or h % cfg.patch_size:
-      raise ValueError(f'crops must be square multiples of the patch size {cfg.patch_size}, got {h}x{w}')
-    x = nn.Conv(cfg.width, (cfg.patch_size,) * 2, strides=(cfg.patch_size,) * 2,
-                padding='VALID', dtype=cfg.dtype, name='patch_embed',
-                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, 'embed')),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))(images.astype(cfg.dtype))
-    grid = h // cfg.patch_size
-    x = x.reshape(b, grid * grid, cfg.width)
+    single = not isinstance(images, (tuple, list))
+    groups = [images[:, None]] if single else list(images)
+    patch_embed = nn.Conv(
+        cfg.width, (cfg.patch_size,) * 2, strides=(cfg.patch_size,) * 2, padding='VALID',
+        dtype=cfg.dtype, name='patch_embed',
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                 (None, None, None, 'embed')),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))
     base_grid = cfg.image_size // cfg.patch_size
     pos = self.param('pos_embedding', nn.with_logical_partitioning(
-        nn.initializers.normal(0.02), (None, 'seq', 'embed')), (1, base_grid * base_grid, cfg.width))
-    x = x + _resize_grid(pos, base_grid, grid).astype(cfg.dtype)
-    cls = self.param('cls', nn.with_logical_partitioning(nn.initializers.zeros, (None, None, 'embed')),
-                     (1, 1, cfg.width))
-    prefix = [jnp.broadcast_to(cls, (b, 1, cfg.width)).astype(cfg.dtype)]
+        nn.initializers.normal(0.02), (None, 'seq', 'embed')),
+        (1, base_grid * base_grid, cfg.width))
+    cls = self.param('cls', nn.with_logical_partitioning(
+        nn.initializers.zeros, (None, None, 'embed')), (1, 1, cfg.width))
+    prefix = [cls]
     if cfg.num_registers:
-      registers = self.param('registers', nn.with_logical_partitioning(
-          nn.initializers.normal(0.02), (None, None, 'embed')), (1, cfg.num_registers, cfg.width))
-      prefix.append(jnp.broadcast_to(registers, (b, cfg.num_registers, cfg.width)).astype(cfg.dtype))
-    x = jnp.concatenate(prefix + [x], axis=1)
+      prefix.append(self.param('registers', nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), (None, None, 'embed')), (1, cfg.num_registers, cfg.width)))
+    prefix = jnp.concatenate(prefix, axis=1).astype(cfg.dtype)
+
+    b = groups[0].shape[0]
+    tokens, views = [], []
+    for crops in groups:
+      _, v, h, w, _ = crops.shape
+      if h != w or h % cfg.patch_size:
+        raise ValueError(f'crops must be square multiples of the patch size {cfg.patch_size}, '
+                         f'got {h}x{w}')
+      x = patch_embed(crops.reshape((b * v,) + crops.shape[2:]).astype(cfg.dtype))
+      grid = h // cfg.patch_size
+      x = x.reshape(b * v, grid * grid, cfg.width)
+      x = x + _resize_grid(pos, base_grid, grid).astype(cfg.dtype)
+      x = jnp.concatenate([jnp.broadcast_to(prefix, (b * v,) + prefix.shape[1:]), x], axis=1)
+      tokens.append(x)
+      views.append((v, x.shape[1]))
+    views = tuple(views)
+    x = _join_views(tokens, b)
     x = nn.with_logical_constraint(x, ('batch', 'seq', 'embed'))
 
     block = Block
@@ -178,14 +326,20 @@ class ViT(nn.Module):
     if cfg.scan:
       blocks = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                        length=cfg.depth, metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, cls_per_layer = blocks(cfg, name='blocks')(x, None)
+      x, cls_per_layer = blocks(cfg, views, name='blocks')(x, None)
+      x = _cls_tokens(x, views)
     else:
       cls_list = []
       for i in range(cfg.depth):
-        x, c = block(cfg, name=f'block_{i}')(x, None)
+        # Nothing reads the last block's other tokens: it computes the CLS tokens only.
+        last = cfg.cls_only_last and i == cfg.depth - 1
+        x, c = block(cfg, views, last, name=f'block_{i}')(x, None)
         cls_list.append(c)
       cls_per_layer = jnp.stack(cls_list)
-    x = _layer_norm(cfg.dtype, 'final_norm')(x)
+      if not last:
+        x = _cls_tokens(x, views)
+    x = _layer_norm(cfg.dtype, 'final_norm')(x)                        # (B, sum V_i, D)
     last_two = cls_per_layer[-2:] if cfg.depth > 1 else jnp.concatenate([cls_per_layer] * 2)
     probe_features = jnp.concatenate([last_two[0], last_two[1]], axis=-1)
-    return {'cls': x[:, 0].astype(jnp.float32), 'probe_features': probe_features.astype(jnp.float32)}
+    out = {'cls': x.astype(jnp.float32), 'probe_features': probe_features.astype(jnp.float32)}
+    return jax.tree.map(lambda a: a[:, 0], out) if single else out
