@@ -102,7 +102,8 @@ def evaluate(train, test, num_classes: int, *, mesh, k: int = 20, temperature: f
   for start in starts:                    # one compile for all chunks; counts stay on device
     correct = correct + fn(train.x, train.y, test.x, test.y, np.int32(start))
   correct = np.asarray(correct)
+  searched = _ks(k, ks, train.count)      # the order of `correct`
   out = {'knn_top1': int(correct[0]) / test.count}
   for kk in (ks or ()):
-    out[f'knn_k{kk}_top1'] = int(correct[_ks(k, ks, train.count).index(min(kk, train.count))]) / test.count
+    out[f'knn_k{kk}_top1'] = int(correct[searched.index(min(kk, train.count))]) / test.count
   return out
