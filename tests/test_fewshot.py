@@ -73,7 +73,7 @@ def test_fewshot_picks_the_regulariser_on_training_images_and_reports_its_test_a
   chosen = fewshot.evaluate(train, test, 3, mesh=mesh, shots=(10,), seeds=1, l2_regs=regs,
                             val_examples=250)['fewshot_10shot_top1']
   assert chosen in per_reg                       # the test accuracy of one of the fits
-  assert chosen >= min(per_reg)
+  assert len(set(per_reg)) > 1                   # the choice mattered on this data
 
 
 def test_support_rows_too_few_images_of_a_class_names_the_class():
