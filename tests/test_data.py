@@ -34,7 +34,8 @@ def test_crop_boxes_respect_scale_and_ratio(scale):
   height, width = 224, 300
   areas, ratios = [], []
   for _ in range(2000):
-    top, left, h, w = augment.random_resized_crop_box(rng, height, width, scale, (3 / 4, 4 / 3))
+    u = rng.random(augment.NUM_UNIFORMS).tolist()
+    top, left, h, w = augment.crop_box(u, height, width, scale, (3 / 4, 4 / 3))
     assert 0 <= top and top + h <= height and 0 <= left and left + w <= width
     areas.append(h * w / (height * width))
     ratios.append(w / h)
@@ -43,6 +44,13 @@ def test_crop_boxes_respect_scale_and_ratio(scale):
   assert areas.min() >= scale[0] * 0.97 and areas.max() <= scale[1] * 1.03
   assert areas.max() - areas.min() > 0.5 * (scale[1] - scale[0])  # the range is used
   assert min(ratios) > 0.7 and max(ratios) < 1.4
+
+
+def test_crop_box_falls_back_to_the_centred_box_of_clamped_ratio():
+  # a 10 x 100 strip: no box of ratio 3/4..4/3 with 90% of the area fits, so the fallback
+  u = [0.99] * augment.NUM_UNIFORMS
+  assert augment.crop_box(u, 10, 100, (0.9, 1.0), (3 / 4, 4 / 3)) == (0, 43, 10, 13)
+  assert augment.crop_box(u, 100, 10, (0.9, 1.0), (3 / 4, 4 / 3)) == (43, 0, 13, 10)
 
 
 def test_resize_matrix_matches_jax_image_resize():
@@ -55,12 +63,42 @@ def test_resize_matrix_matches_jax_image_resize():
   np.testing.assert_allclose(crop @ image, image[3:9], atol=1e-6)
 
 
-def test_blur_matrix_matches_scipy_reflect_filter():
+@pytest.mark.parametrize('box,size', [((0, 0, 28, 31), 28), ((3, 5, 11, 17), 14),
+                                      ((2, 1, 25, 20), 14), ((0, 0, 28, 31), 40),
+                                      ((5, 7, 9, 9), 28), ((1, 2, 20, 6), 3)])
+def test_resample_matrix_is_pillows_bilinear_resize(box, size):
+  from PIL import Image
+  image = np.random.default_rng(2).random((28, 31)).astype(np.float32)
+  top, left, h, w = box
+  # Pillow on a float ('F') image: the same filter with no rounding to uint8
+  ref = np.asarray(Image.fromarray(image, mode='F').resize(
+      (size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)))
+  rows, cols = augment.resample_matrix(top, h, 28, size), augment.resample_matrix(left, w, 31, size)
+  np.testing.assert_allclose(rows @ image @ cols.T, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_small_and_large_images_are_cropped_alike(channels, monkeypatch):
+  image = np.random.default_rng(3).integers(0, 256, (40, 50, channels), dtype=np.uint8)
+  boxes = [(0, 0, 40, 50), (3, 5, 11, 17), (10, 2, 30, 33)]
+  monkeypatch.setattr(augment, '_MATRIX_MAX_PIXELS', 10**9)
+  matrices = augment._resize_crops(image, boxes, 24).astype(int)
+  monkeypatch.setattr(augment, '_MATRIX_MAX_PIXELS', 0)
+  pillow = augment._resize_crops(image, boxes, 24).astype(int)
+  assert matrices.shape == pillow.shape == (3, 24, 24, channels)
+  # Pillow rounds to uint8 between its two passes: one level apart at most
+  assert np.abs(matrices - pillow).max() <= 1
+
+
+def test_gaussian_blur_matches_scipy_reflect_filter():
   scipy_ndimage = pytest.importorskip('scipy.ndimage')
-  x = np.random.default_rng(2).random(16)
-  for sigma in (0.3, 1.0, 2.5):
-    ref = scipy_ndimage.gaussian_filter1d(x, sigma, mode='mirror', truncate=np.ceil(3 * sigma) / sigma)
-    np.testing.assert_allclose(augment.blur_matrix(16, sigma) @ x, ref, rtol=1e-5, atol=1e-6)
+  x = np.random.default_rng(2).random((3, 16, 16, 2)).astype(np.float32)
+  sigmas = np.array([0.3, 1.0, 2.5])
+  out = augment.gaussian_blur(x.copy(), sigmas)
+  for i, sigma in enumerate(sigmas):
+    ref = scipy_ndimage.gaussian_filter(x[i].astype(np.float64), (sigma, sigma, 0), mode='mirror',
+                                        truncate=np.ceil(3 * sigma) / sigma)
+    np.testing.assert_allclose(out[i], ref, rtol=1e-5, atol=1e-6)
 
 
 def test_hue_shift_matches_colorsys():
@@ -73,31 +111,74 @@ def test_hue_shift_matches_colorsys():
 
 
 def test_multicrop_shapes_and_ranges():
-  crop = pipeline.multi_crop(_data_config())
-  record = _source()[0]
-  out = crop(record, np.random.default_rng(0))
+  cfg = _data_config()
+  out = pipeline.augment_record(_source()[0], np.random.default_rng(0), cfg)
   assert out['global'].shape == (2, 16, 16, 1) and out['local'].shape == (3, 8, 8, 1)
   lo, hi = (0 - 0.5) / 0.25, (1 - 0.5) / 0.25
   for views in (out['global'], out['local']):
     assert views.dtype == np.float32 and views.min() >= lo - 1e-5 and views.max() <= hi + 1e-5
 
 
-def test_color_jitter_matches_closed_forms():
-  x = np.random.default_rng(4).random((6, 6, 3)).astype(np.float32)
-  luma = x @ np.array([0.299, 0.587, 0.114], np.float32)
-  # Only one op active at a time (the others draw factor 1 or hue 0), recomputed in NumPy
-  # from the same draw: brightness x*f, contrast around the mean luma, saturation around luma.
-  for name, ref in [('brightness', lambda f: x * f),
-                    ('contrast', lambda f: (x - luma.mean()) * f + luma.mean()),
-                    ('saturation', lambda f: (x - luma[..., None]) * f + luma[..., None])]:
-    spec = augment.AugmentSpec(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
-    spec = augment.AugmentSpec(**{**spec.__dict__, name: 0.4})
-    f = np.random.default_rng(7).uniform([1 - spec.brightness, 1 - spec.contrast,
-                                          1 - spec.saturation, 0], [1 + spec.brightness,
-                                          1 + spec.contrast, 1 + spec.saturation, 0])
-    f = f[['brightness', 'contrast', 'saturation'].index(name)]
-    out = augment.color_jitter(np.random.default_rng(7), x.copy(), spec)
-    np.testing.assert_allclose(out, np.clip(ref(f), 0, 1), atol=1e-5, err_msg=name)
+def _jitter_reference(x, factors, order):
+  """One view's colour jitter, op by op in float64, with colorsys for the hue."""
+  import colorsys
+  luma = np.array([0.299, 0.587, 0.114])
+  x = x.astype(np.float64)
+  for op in order:
+    f = factors[op]
+    if op == 0:
+      x = x * f
+    elif op == 1:
+      m = (x @ luma).mean()
+      x = (x - m) * f + m
+    elif op == 2:
+      g = (x @ luma)[..., None]
+      x = (x - g) * f + g
+    else:
+      hsv = [colorsys.rgb_to_hsv(*p) for p in x.reshape(-1, 3)]
+      x = np.array([colorsys.hsv_to_rgb((h + f) % 1.0, s, v) for h, s, v in hsv]).reshape(x.shape)
+    x = np.clip(x, 0, 1)
+  return x
+
+
+def test_color_jitter_applies_each_views_ops_in_its_own_order():
+  rng = np.random.default_rng(4)
+  x = rng.random((6, 5, 5, 3)).astype(np.float32)
+  factors = np.concatenate([rng.uniform(0.6, 1.4, (6, 3)), rng.uniform(-0.1, 0.1, (6, 1))], 1)
+  order = np.stack([rng.permutation(4) for _ in range(6)])
+  apply = np.array([True, True, True, True, False, True])
+  out = augment.color_jitter(x.copy(), apply, factors.astype(np.float32), order)
+  for i in range(6):
+    ref = _jitter_reference(x[i], factors[i], order[i]) if apply[i] else x[i]
+    np.testing.assert_allclose(out[i], ref, atol=2e-5, err_msg=f'view {i}, order {order[i]}')
+  # the order matters (clipping and hue do not commute with the rest)
+  flipped = augment.color_jitter(x.copy(), apply, factors.astype(np.float32), order[:, ::-1])
+  assert np.abs(flipped - out).max() > 1e-3
+
+
+def test_finish_views_on_grayscale_applies_only_brightness_contrast_blur_solarize():
+  rng = np.random.default_rng(5)
+  views = rng.integers(0, 256, (2, 3, 8, 8, 1), dtype=np.uint8)
+  draws = augment.photometric_draws(rng.random((6, augment.NUM_UNIFORMS)), augment.AugmentSpec(
+      jitter_prob=1.0, blur_prob=1.0, solarize_prob=1.0, mean=(0.5,), std=(0.25,)))
+  draws = {k: v.reshape(2, 3, *v.shape[1:]) for k, v in draws.items()}
+  spec = augment.AugmentSpec(mean=(0.5,), std=(0.25,))
+  out = augment.finish_views(views, draws, spec)
+  assert out.shape == views.shape and out.dtype == np.float32
+  x = views.reshape(6, 8, 8, 1) / 255.0
+  f, order, sigma = (draws[k].reshape(6, *draws[k].shape[2:]) for k in ('factors', 'order', 'blur_sigma'))
+  scipy_ndimage = pytest.importorskip('scipy.ndimage')
+  for i in range(6):
+    y = x[i]
+    for op in order[i]:
+      if op == 0:
+        y = np.clip(y * f[i, 0], 0, 1)
+      elif op == 1:
+        y = np.clip((y - y.mean()) * f[i, 1] + y.mean(), 0, 1)
+    y = scipy_ndimage.gaussian_filter(y, (sigma[i], sigma[i], 0), mode='mirror',
+                                      truncate=np.ceil(3 * sigma[i]) / sigma[i])
+    y = np.where(y >= 0.5, 1 - y, y)
+    np.testing.assert_allclose(out.reshape(6, 8, 8, 1)[i], (y - 0.5) / 0.25, atol=1e-4)
 
 
 def _take(ds, n):

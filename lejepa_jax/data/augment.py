@@ -1,19 +1,30 @@
-"""Multi-crop augmentations on one image, in NumPy (run inside Grain workers).
+"""Multi-crop augmentations in NumPy and Pillow, in two stages (run inside Grain threads).
 
-Geometric steps are linear maps along each image axis, so a crop, its
-bilinear resize, a horizontal flip and a Gaussian blur are each a small
-(out, in) matrix: view = A @ image @ B^T per channel. That keeps every view
-to a couple of matrix products whatever the image size.
+1. Per record (`crop_views`): every random draw of a view comes from one row of uniforms
+   (one rng call per record and view size), and the geometry runs in Pillow on uint8:
+   RandomResizedCrop's box resized with Pillow's bilinear filter (antialiased when it
+   shrinks, exactly torchvision's PIL path) and the horizontal flip. Pillow's C code is
+   fast on any image size and lets other threads run.
+2. Per batch (`finish_views`): the photometric steps on all views of the batch at once in
+   float32: colour jitter (its four ops in a random order per view), grayscale, Gaussian
+   blur, solarize, normalisation. Vectorised over the batch, the per-call overhead of NumPy
+   is paid once per batch, not once per view.
+
+The order of the steps is torchvision's: crop, flip, jitter, grayscale, blur, solarize,
+normalise. Evaluation views are one deterministic centre crop (`eval_view`).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
+from PIL import Image
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+_CROP_TRIES = 10          # torchvision's RandomResizedCrop tries ten boxes before its fallback
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,24 +52,35 @@ class AugmentSpec:
   std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
 
-def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
-                            scale: tuple[float, float], ratio: tuple[float, float]):
-  """(top, left, crop_h, crop_w) with area fraction in `scale` and aspect in `ratio`.
+# ---------------------------------------------------------------- stage 1: per record
 
-  Same sampling as torchvision's RandomResizedCrop: ten tries, then the
-  largest centred crop with aspect ratio clamped to `ratio`.
+# Columns of the uniforms drawn for one view.
+_SCALE = slice(0, _CROP_TRIES)
+_RATIO = slice(_CROP_TRIES, 2 * _CROP_TRIES)
+_TOP, _LEFT, _FLIP, _JITTER = (2 * _CROP_TRIES + i for i in range(4))
+_FACTORS = slice(2 * _CROP_TRIES + 4, 2 * _CROP_TRIES + 8)
+_ORDER = slice(2 * _CROP_TRIES + 8, 2 * _CROP_TRIES + 12)
+_GRAY, _BLUR, _SIGMA, _SOLARIZE = (2 * _CROP_TRIES + 12 + i for i in range(4))
+NUM_UNIFORMS = 2 * _CROP_TRIES + 16
+
+
+def crop_box(u: list, height: int, width: int, scale: tuple[float, float],
+             ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+  """(top, left, h, w) from one view's uniforms u (a list of NUM_UNIFORMS floats).
+
+  torchvision's RandomResizedCrop sampling: the first of ten tries with area fraction in
+  `scale` and aspect in `ratio` that fits, else the largest centred box with aspect ratio
+  clamped to `ratio`. Plain Python: faster than NumPy on a handful of numbers.
   """
   area = height * width
-  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-  for _ in range(10):
-    target_area = area * rng.uniform(scale[0], scale[1])
-    aspect = math.exp(rng.uniform(*log_ratio))
-    w = int(round(math.sqrt(target_area * aspect)))
-    h = int(round(math.sqrt(target_area / aspect)))
+  log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+  for try_scale, try_ratio in zip(u[_SCALE], u[_RATIO]):
+    target = area * (scale[0] + try_scale * (scale[1] - scale[0]))
+    aspect = math.exp(log_lo + try_ratio * (log_hi - log_lo))
+    w = int(round(math.sqrt(target * aspect)))
+    h = int(round(math.sqrt(target / aspect)))
     if 0 < w <= width and 0 < h <= height:
-      top = int(rng.integers(0, height - h + 1))
-      left = int(rng.integers(0, width - w + 1))
-      return top, left, h, w
+      return int(u[_TOP] * (height - h + 1)), int(u[_LEFT] * (width - w + 1)), h, w
   in_ratio = width / height
   if in_ratio < ratio[0]:
     w, h = width, int(round(width / ratio[0]))
@@ -69,47 +91,99 @@ def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def resize_matrix(start: int, length: int, in_size: int, out_size: int) -> np.ndarray:
-  """(out_size, in_size) bilinear weights resampling [start, start+length) to out_size.
+def photometric_draws(u: np.ndarray, spec: AugmentSpec) -> dict:
+  """The per-view photometric choices, from the same rows of uniforms as the crop boxes.
 
-  Half-pixel centres (align_corners=False), edge-clamped, no antialiasing.
+  jitter factors: brightness, contrast, saturation in [1 - a, 1 + a], hue shift in [-h, h];
+  order: a random permutation of the four ops; blur_sigma: 0 where no blur is applied.
   """
-  centres = start + (np.arange(out_size) + 0.5) * (length / out_size) - 0.5
-  centres = np.clip(centres, 0, in_size - 1)
-  lo = centres.astype(np.int64)              # floor: centres are >= 0
-  hi = np.minimum(lo + 1, in_size - 1)
-  frac = (centres - lo).astype(np.float32)
-  m = np.zeros((out_size, in_size), np.float32)
-  rows = np.arange(out_size)
-  m[rows, lo] = 1.0 - frac
-  m[rows, hi] += frac                        # lo == hi only where frac == 0
-  return m
+  low = np.array([1 - spec.brightness, 1 - spec.contrast, 1 - spec.saturation, -spec.hue])
+  high = np.array([1 + spec.brightness, 1 + spec.contrast, 1 + spec.saturation, spec.hue])
+  sigma = spec.blur_sigma[0] + u[:, _SIGMA] * (spec.blur_sigma[1] - spec.blur_sigma[0])
+  return {
+      'jitter': u[:, _JITTER] < spec.jitter_prob,
+      'factors': (low + u[:, _FACTORS] * (high - low)).astype(np.float32),
+      'order': np.argsort(u[:, _ORDER], axis=1).astype(np.int32),
+      'gray': u[:, _GRAY] < spec.grayscale_prob,
+      'blur_sigma': np.where(u[:, _BLUR] < spec.blur_prob, sigma, 0.0).astype(np.float32),
+      'solarize': u[:, _SOLARIZE] < spec.solarize_prob,
+  }
 
 
-def blur_matrix(size: int, sigma: float) -> np.ndarray:
-  """(size, size) Gaussian blur, kernel radius ceil(3 sigma), 'reflect' borders (d c b|a b c d)."""
-  radius = max(1, int(math.ceil(3.0 * sigma)))
-  offsets = np.arange(-radius, radius + 1)
-  kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
-  kernel /= kernel.sum()
-  cols = np.arange(size)[:, None] + offsets[None, :]
-  if size > 1:
-    period = 2 * (size - 1)
-    cols = np.mod(cols, period)
-    cols = np.where(cols >= size, period - cols, cols)
-  else:
-    cols = np.zeros_like(cols)
-  rows = np.broadcast_to(np.arange(size)[:, None], cols.shape)
-  flat = np.bincount((rows * size + cols).ravel(), np.broadcast_to(kernel, cols.shape).ravel(),
-                     minlength=size * size)
-  return flat.reshape(size, size).astype(np.float32)
+def _to_pil(image: np.ndarray) -> Image.Image:
+  return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
 
 
-def _apply(rows: np.ndarray, x: np.ndarray, cols: np.ndarray) -> np.ndarray:
-  """rows @ x @ cols^T on each channel of x (H, W, C) -> (out_h, out_w, C)."""
-  y = np.matmul(rows, np.moveaxis(x, -1, 0))          # (C, out_h, W)
-  return np.moveaxis(np.matmul(y, cols.T), 0, -1)
+@functools.lru_cache(maxsize=1 << 16)
+def resample_matrix(start: int, length: int, in_size: int, out_size: int) -> np.ndarray:
+  """(out_size, in_size) weights of Pillow's bilinear resize of [start, start+length).
 
+  Pillow's filter exactly: a triangle widened by the shrink factor when shrinking
+  (antialiasing), weights normalised over the pixels inside the image. Cached: small
+  images have few distinct (start, length) pairs.
+  """
+  step = length / out_size
+  widen = max(step, 1.0)
+  centres = start + (np.arange(out_size) + 0.5) * step
+  first = np.maximum((centres - widen + 0.5).astype(np.int64), 0)    # Pillow's int() truncation
+  last = np.minimum((centres + widen + 0.5).astype(np.int64), in_size)
+  pixels = np.arange(in_size)
+  weights = np.maximum(0.0, 1.0 - np.abs((pixels - centres[:, None] + 0.5) / widen))
+  weights *= (pixels >= first[:, None]) & (pixels < last[:, None])
+  return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+# Images up to this many pixels are resized by cached matrices (the per-call overhead of
+# Pillow dominates there); bigger ones by Pillow, whose filter the matrices reproduce.
+_MATRIX_MAX_PIXELS = 64 * 64
+
+
+def _resize_crops(image: np.ndarray, boxes: list, size: int) -> np.ndarray:
+  """uint8 (V, size, size, C) bilinear resizes of the boxes (top, left, h, w) of image."""
+  height, width, channels = image.shape
+  if not boxes:
+    return np.zeros((0, size, size, channels), np.uint8)
+  if height * width <= _MATRIX_MAX_PIXELS:
+    rows = np.stack([resample_matrix(t, h, height, size) for t, _, h, _ in boxes])
+    cols = np.stack([resample_matrix(l, w, width, size) for _, l, _, w in boxes])
+    x = np.moveaxis(image, -1, 0).astype(np.float32)                      # (C, H, W)
+    y = np.matmul(np.matmul(rows[:, None], x[None]), cols[:, None].swapaxes(-1, -2))
+    return np.moveaxis(np.clip(np.rint(y), 0, 255).astype(np.uint8), 1, -1)
+  pil = _to_pil(image)
+  # Pasted side by side into one canvas: one array conversion per view size, not per view.
+  canvas = Image.new(pil.mode, (size * len(boxes), size))
+  for i, (top, left, h, w) in enumerate(boxes):
+    canvas.paste(pil.resize((size, size), Image.Resampling.BILINEAR,
+                            box=(left, top, left + w, top + h)), (i * size, 0))
+  return np.asarray(canvas).reshape(size, len(boxes), size, channels).swapaxes(0, 1)
+
+
+def crop_views(rng: np.random.Generator, image: np.ndarray,
+               views: list[tuple[ViewSpec, int]], spec: AugmentSpec) -> list[tuple[np.ndarray, dict]]:
+  """Crops of one uint8 (H, W, C) image: for each (view, count) in `views`, uint8
+  (count, size, size, C) and their draws (`photometric_draws`, for `finish_views`).
+
+  One rng call for all views of the record.
+  """
+  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
+    raise ValueError(f'augmentations take uint8 (H, W, 1 or 3) images, got {image.dtype} '
+                     f'{image.shape}')
+  height, width, _ = image.shape
+  u = rng.random((sum(count for _, count in views), NUM_UNIFORMS))
+  draws = photometric_draws(u, spec)
+  rows = u.tolist()
+  out, start = [], 0
+  for view, count in views:
+    boxes = [crop_box(r, height, width, view.scale, view.ratio) for r in rows[start:start + count]]
+    crops = _resize_crops(image, boxes, view.size)
+    flip = (u[start:start + count, _FLIP] < spec.flip_prob)[:, None, None, None]
+    out.append((np.ascontiguousarray(np.where(flip, crops[:, :, ::-1], crops)),
+                {k: v[start:start + count] for k, v in draws.items()}))
+    start += count
+  return out
+
+
+# ---------------------------------------------------------------- stage 2: per batch
 
 def _grayscale(x: np.ndarray) -> np.ndarray:
   if x.shape[-1] == 1:
@@ -117,8 +191,11 @@ def _grayscale(x: np.ndarray) -> np.ndarray:
   return (x @ _LUMA)[..., None]
 
 
-def _adjust_hue(x: np.ndarray, shift: float) -> np.ndarray:
-  """Rotates hue by `shift` turns (HSV hue shift, as torchvision's adjust_hue)."""
+def _adjust_hue(x: np.ndarray, shift) -> np.ndarray:
+  """Rotates hue by `shift` turns (HSV hue shift, as torchvision's adjust_hue).
+
+  `shift` is a number or broadcasts against x's leading axes, e.g. (N, 1, 1) for (N, H, W, 3).
+  """
   r, g, b = x[..., 0], x[..., 1], x[..., 2]
   maxc, minc = x.max(-1), x.min(-1)
   v = maxc
@@ -143,55 +220,131 @@ def _adjust_hue(x: np.ndarray, shift: float) -> np.ndarray:
   return out
 
 
-def color_jitter(rng: np.random.Generator, x: np.ndarray, spec: AugmentSpec) -> np.ndarray:
-  """Brightness, contrast, saturation, hue in random order on x in [0, 1].
+def _per_view(f: np.ndarray) -> np.ndarray:
+  return f[:, None, None, None]
 
-  On single-channel images only brightness and contrast apply; the rng draws
-  are the same either way so that determinism does not depend on channels.
+
+def _brightness(x, f):
+  return x * _per_view(f)
+
+
+def _contrast(x, f):          # around each view's mean luma
+  mean = _per_view(_grayscale(x).mean(axis=(1, 2, 3)))
+  return (x - mean) * _per_view(f) + mean
+
+
+def _saturation(x, f):        # around each pixel's luma
+  gray = _grayscale(x)
+  return (x - gray) * _per_view(f) + gray
+
+
+def _hue(x, f):
+  return _adjust_hue(x, f[:, None, None])
+
+
+_JITTER_OPS = (_brightness, _contrast, _saturation, _hue)
+
+
+def color_jitter(x: np.ndarray, apply: np.ndarray, factors: np.ndarray,
+                 order: np.ndarray) -> np.ndarray:
+  """Brightness, contrast, saturation, hue in each view's own order, on views where `apply`.
+
+  x: (N, H, W, C) in [0, 1], modified in place; factors (N, 4); order (N, 4) permutations.
+  Every op clips to [0, 1], as torchvision's. On single-channel views only brightness and
+  contrast apply.
   """
-  low = np.array([1 - spec.brightness, 1 - spec.contrast, 1 - spec.saturation, -spec.hue])
-  high = np.array([1 + spec.brightness, 1 + spec.contrast, 1 + spec.saturation, spec.hue])
-  factors = rng.uniform(low, high)
   rgb = x.shape[-1] == 3
-  for op in rng.permutation(4):
-    f = factors[op]
-    if op == 0:                                   # brightness
-      x = x * f
-    elif op == 1:                                 # contrast, around the mean luma
-      mean = _grayscale(x).mean()
-      x = (x - mean) * f + mean
-    elif op == 2 and rgb:                         # saturation
-      gray = _grayscale(x)
-      x = (x - gray) * f + gray
-    elif op == 3 and rgb:                         # hue
-      x = _adjust_hue(x, f)
-    else:
-      continue
-    np.clip(x, 0.0, 1.0, out=x)
+  for position in range(4):
+    for op, fn in enumerate(_JITTER_OPS):
+      if op >= 2 and not rgb:
+        continue
+      views = np.flatnonzero(apply & (order[:, position] == op))
+      if views.size:
+        x[views] = np.clip(fn(x[views], factors[views, op]), 0.0, 1.0)
   return x
 
 
-def augment_view(rng: np.random.Generator, image: np.ndarray, view: ViewSpec,
-                 spec: AugmentSpec) -> np.ndarray:
-  """One augmented, normalised view (size, size, C) float32 of a uint8 (H, W, C) image."""
-  height, width, channels = image.shape
-  top, left, h, w = random_resized_crop_box(rng, height, width, view.scale, view.ratio)
-  rows = resize_matrix(top, h, height, view.size)
-  cols = resize_matrix(left, w, width, view.size)
-  if rng.random() < spec.flip_prob:
-    cols = cols[::-1]
-  x = _apply(rows, image.astype(np.float32) * np.float32(1.0 / 255.0), cols)
-  if rng.random() < spec.jitter_prob:
-    x = color_jitter(rng, x, spec)
-  if rng.random() < spec.grayscale_prob and channels == 3:
-    x = np.repeat(_grayscale(x), 3, axis=-1)
-  if rng.random() < spec.blur_prob:
-    sigma = rng.uniform(*spec.blur_sigma)
-    k = blur_matrix(view.size, sigma)
-    x = _apply(k, x, k)
-  if rng.random() < spec.solarize_prob:
-    x = np.where(x >= spec.solarize_threshold, 1.0 - x, x)
-  return normalize(x, spec)
+def _blur_axis(x: np.ndarray, kernels: np.ndarray, axis: int) -> np.ndarray:
+  """Correlates axis `axis` (1 or 2) of x (N, H, W, C) with each view's kernel (N, 2R+1)."""
+  radius = (kernels.shape[1] - 1) // 2
+  size = x.shape[axis]
+  # 'reflect' borders (d c b|a b c d), folded as often as the kernel needs on small views
+  index = np.arange(-radius, size + radius)
+  if size > 1:
+    period = 2 * (size - 1)
+    index = np.mod(index, period)
+    index = np.where(index >= size, period - index, index)
+  else:
+    index = np.zeros_like(index)
+  padded = np.take(x, index, axis=axis)
+  out = np.zeros_like(x)
+  for j in range(kernels.shape[1]):
+    window = padded[:, j:j + size] if axis == 1 else padded[:, :, j:j + size]
+    out += _per_view(kernels[:, j]) * window
+  return out
+
+
+def gaussian_kernels(sigmas: np.ndarray) -> np.ndarray:
+  """(N, 2R+1) normalised Gaussian kernels, each of radius ceil(3 sigma) padded with zeros."""
+  radii = np.maximum(1, np.ceil(3.0 * sigmas)).astype(np.int64)
+  radius = int(radii.max())
+  offsets = np.arange(-radius, radius + 1)
+  kernels = np.exp(-0.5 * (offsets / sigmas[:, None]) ** 2)
+  kernels = np.where(np.abs(offsets) <= radii[:, None], kernels, 0.0)
+  return (kernels / kernels.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def gaussian_blur(x: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
+  """Separable Gaussian blur of each view of x (N, H, W, C) with its sigma (N,) in pixels."""
+  kernels = gaussian_kernels(np.asarray(sigmas, np.float64))
+  return _blur_axis(_blur_axis(x, kernels, 1), kernels, 2)
+
+
+def finish_views(views: np.ndarray, draws: dict, spec: AugmentSpec) -> np.ndarray:
+  """uint8 crops (..., S, S, C) + their draws -> augmented, normalised float32 views.
+
+  Leading axes (e.g. batch, view) are flattened for the work and restored at the end.
+  """
+  lead, (size, _, channels) = views.shape[:-3], views.shape[-3:]
+  x = views.reshape(-1, size, size, channels).astype(np.float32) * np.float32(1.0 / 255.0)
+  d = {k: np.asarray(v).reshape(x.shape[0], *np.shape(v)[len(lead):]) for k, v in draws.items()}
+  x = color_jitter(x, d['jitter'], d['factors'], d['order'])
+  if channels == 3:
+    gray = np.flatnonzero(d['gray'])
+    x[gray] = _grayscale(x[gray])
+  blurred = np.flatnonzero(d['blur_sigma'] > 0)
+  if blurred.size:
+    x[blurred] = gaussian_blur(x[blurred], d['blur_sigma'][blurred])
+  solarized = np.flatnonzero(d['solarize'])
+  if solarized.size:
+    s = x[solarized]
+    x[solarized] = np.where(s >= spec.solarize_threshold, 1.0 - s, s)
+  return normalize(x, spec).reshape(*lead, size, size, channels)
+
+
+# ---------------------------------------------------------------- evaluation
+
+def resize_matrix(start: int, length: int, in_size: int, out_size: int) -> np.ndarray:
+  """(out_size, in_size) bilinear weights resampling [start, start+length) to out_size.
+
+  Half-pixel centres (align_corners=False), edge-clamped, no antialiasing.
+  """
+  centres = start + (np.arange(out_size) + 0.5) * (length / out_size) - 0.5
+  centres = np.clip(centres, 0, in_size - 1)
+  lo = centres.astype(np.int64)              # floor: centres are >= 0
+  hi = np.minimum(lo + 1, in_size - 1)
+  frac = (centres - lo).astype(np.float32)
+  m = np.zeros((out_size, in_size), np.float32)
+  rows = np.arange(out_size)
+  m[rows, lo] = 1.0 - frac
+  m[rows, hi] += frac                        # lo == hi only where frac == 0
+  return m
+
+
+def _apply(rows: np.ndarray, x: np.ndarray, cols: np.ndarray) -> np.ndarray:
+  """rows @ x @ cols^T on each channel of x (H, W, C) -> (out_h, out_w, C)."""
+  y = np.matmul(rows, np.moveaxis(x, -1, 0))          # (C, out_h, W)
+  return np.moveaxis(np.matmul(y, cols.T), 0, -1)
 
 
 def normalize(x: np.ndarray, spec: AugmentSpec) -> np.ndarray:

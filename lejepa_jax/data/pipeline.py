@@ -7,8 +7,9 @@ So the concatenation of all processes' batches at a step is exactly the batch
 one process would read with local_batch_size G.
 
 Training: source -> shuffle (reshuffled every epoch) -> repeat -> multi-crop
-random_map keyed on the global position -> batch(L) -> every process_count-th
-batch from process_index. The iterator is a Grain DatasetIterator whose state
+random_map keyed on the global position (uint8 crops and the views' random draws)
+-> batch(L) -> every process_count-th batch from process_index -> the photometric
+steps on the whole batch (float32 views). The iterator is a Grain DatasetIterator whose state
 (a position, a few bytes) is checkpointed with the train state, so a resumed
 run sees exactly the batches it would have seen.
 
@@ -28,7 +29,11 @@ from lejepa_jax.data import augment
 
 @dataclasses.dataclass(frozen=True)
 class MultiCrop:
-  """Grain random map: record -> {'global': (Vg,S,S,C), 'local': (Vl,s,s,C), 'label'}."""
+  """Grain random map, per record: uint8 crops of every view and their photometric draws.
+
+  record -> {'global': uint8 (Vg,S,S,C), 'local': uint8 (Vl,s,s,C), 'global_draws',
+  'local_draws', 'label'}; `FinishViews` turns a batch of these into float32 views.
+  """
   num_global: int
   num_local: int
   global_view: augment.ViewSpec
@@ -37,17 +42,35 @@ class MultiCrop:
 
   def __call__(self, record: dict, rng: np.random.Generator) -> dict:
     image = record['image']
-    views = {
-        'global': np.stack([augment.augment_view(rng, image, self.global_view, self.spec)
-                            for _ in range(self.num_global)]),
-        'label': np.int32(record['label']),
-    }
-    local = [augment.augment_view(rng, image, self.local_view, self.spec)
-             for _ in range(self.num_local)]
-    c = image.shape[-1]
-    views['local'] = (np.stack(local) if local else
-                      np.zeros((0, self.local_view.size, self.local_view.size, c), np.float32))
-    return views
+    (g, g_draws), (l, l_draws) = augment.crop_views(
+        rng, image, [(self.global_view, self.num_global), (self.local_view, self.num_local)],
+        self.spec)
+    return {'global': g, 'global_draws': g_draws, 'local': l, 'local_draws': l_draws,
+            'label': np.int32(record['label'])}
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishViews:
+  """Grain map, per batch: the photometric steps on all views of the batch at once.
+
+  {'global': uint8 (B,Vg,S,S,C), 'global_draws', ...} -> {'global': float32 (B,Vg,S,S,C),
+  'local': float32 (B,Vl,s,s,C), 'label'}.
+  """
+  spec: augment.AugmentSpec
+
+  def __call__(self, batch: dict) -> dict:
+    return {'global': augment.finish_views(batch['global'], batch['global_draws'], self.spec),
+            'local': augment.finish_views(batch['local'], batch['local_draws'], self.spec),
+            'label': batch['label']}
+
+
+def augment_record(record: dict, rng: np.random.Generator, data_config) -> dict:
+  """One record's float32 views, as the training pipeline makes them (a batch of one)."""
+  crops = multi_crop(data_config)(record, rng)
+  batch = {k: (np.asarray(v)[None] if not isinstance(v, dict) else
+               {dk: dv[None] for dk, dv in v.items()}) for k, v in crops.items()}
+  finished = FinishViews(augment_spec(data_config))(batch)
+  return {k: v[0] for k, v in finished.items()}
 
 
 def augment_spec(data_config) -> augment.AugmentSpec:
@@ -88,6 +111,8 @@ def train_dataset(source, data_config, *, seed: int, local_batch_size: int,
   ds = ds.random_map(multi_crop(data_config))
   # Lazy on the MapDataset: this process only reads and augments its own batches.
   ds = ds.batch(local_batch_size, drop_remainder=True)[process_index::process_count]
+  # Photometric steps vectorised over the batch (augment.py: NumPy overhead once per batch).
+  ds = ds.map(FinishViews(augment_spec(data_config)))
   read = grain.ReadOptions(num_threads=data_config.get('num_threads', 2),
                            prefetch_buffer_size=data_config.get('prefetch', 4))
   ds = ds.to_iter_dataset(read)

@@ -1,0 +1,101 @@
+"""Does the input pipeline slow training? The CPU default's step fed by its real pipeline
+against the same step on one fixed batch, alternating, in one run.
+
+  python benchmarks/data_wait.py [--config=configs/fmnist.py] [--rounds=6] [--steps=40]
+
+Fed: `pipeline.train_dataset` on the config's training split (Grain threads, multi-crop,
+photometric steps) feeding `steps.build(...).train_step` the way `train.py` does: the next
+batch is read and put on the devices while the step just dispatched runs; the seconds
+blocked on the iterator and the copy are the data wait. Alone: the same jitted step on one
+batch already on the devices (what `benchmarks/train_step.py` times). Each round times
+`--steps` steps of each side (fed first, then alone; the state carries on), synchronised
+at the end of the round. Printed: per side the median images per second, the fed/alone
+ratio (median of per-round ratios) and the fed side's data-wait fraction. Both sides
+share the cores with nothing else; run it on a quiet machine.
+"""
+import statistics
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+import jax
+import numpy as np
+
+from lejepa_jax import sharding as sharding_lib
+from lejepa_jax import steps
+from lejepa_jax.data import pipeline
+from lejepa_jax.data import sources
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/fmnist.py', 'training config')
+_ROUNDS = flags.DEFINE_integer('rounds', 6, 'alternating rounds')
+_STEPS = flags.DEFINE_integer('steps', 40, 'steps per side and round')
+
+
+def machine() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    model = 'unknown CPU'
+  import os
+  return f'{model}, {os.cpu_count()} cores'
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  print('machine:', machine())
+  mesh = sharding_lib.make_mesh(config.get('mesh'))
+  programs = steps.build(config, mesh, config.total_steps)
+  source = sources.get_source(config.data, config.data.train_split)
+  data_iter = iter(pipeline.train_dataset(source, config.data, seed=config.seed,
+                                          local_batch_size=config.batch_size))
+  images = config.batch_size * _STEPS.value
+
+  with sharding_lib.activate(mesh):
+    state = programs.init(np.int32(config.seed))
+    fixed = sharding_lib.to_global_batch(next(data_iter), mesh)
+
+    def fed(state):
+      wait, batch = 0.0, fixed
+      start = time.perf_counter()
+      for _ in range(_STEPS.value):
+        state, metrics = programs.train_step(state, batch)
+        t = time.perf_counter()
+        batch = sharding_lib.to_global_batch(next(data_iter), mesh)   # overlaps the step
+        wait += time.perf_counter() - t
+      jax.block_until_ready(metrics)
+      return state, time.perf_counter() - start, wait
+
+    def alone(state):
+      start = time.perf_counter()
+      for _ in range(_STEPS.value):
+        state, metrics = programs.train_step(state, fixed)
+      jax.block_until_ready(metrics)
+      return state, time.perf_counter() - start, 0.0
+
+    state, *_ = fed(state)       # warm-up: compile, fill Grain's prefetch buffer
+    state, *_ = alone(state)
+    rows = {'fed': [], 'alone': []}
+    for r in range(_ROUNDS.value):
+      for name, side in (('fed', fed), ('alone', alone)):
+        state, seconds, wait = side(state)
+        rows[name].append((images / seconds, wait / seconds))
+      print(f'round {r}: fed {rows["fed"][-1][0]:.1f} images/s (data wait '
+            f'{rows["fed"][-1][1]:.1%}), alone {rows["alone"][-1][0]:.1f} images/s', flush=True)
+
+  fed_ips = statistics.median(x for x, _ in rows['fed'])
+  alone_ips = statistics.median(x for x, _ in rows['alone'])
+  ratio = statistics.median(f[0] / a[0] for f, a in zip(rows['fed'], rows['alone']))
+  wait = statistics.median(w for _, w in rows['fed'])
+  print(f'\n{_STEPS.value} steps of {config.batch_size} images per side and round, '
+        f'{_ROUNDS.value} rounds (medians):')
+  print(f'  step fed by the pipeline: {fed_ips:.1f} images/s, data wait {wait:.1%}')
+  print(f'  step alone (fixed batch): {alone_ips:.1f} images/s')
+  print(f'  fed / alone: {ratio:.3f}')
+
+
+if __name__ == '__main__':
+  app.run(main)
