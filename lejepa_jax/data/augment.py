@@ -21,6 +21,7 @@ import math
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
@@ -188,36 +189,34 @@ def crop_views(rng: np.random.Generator, image: np.ndarray,
 def _grayscale(x: np.ndarray) -> np.ndarray:
   if x.shape[-1] == 1:
     return x
-  return (x @ _LUMA)[..., None]
+  # three scaled adds: much faster than a matmul with an inner dimension of 3
+  return (x[..., 0:1] * _LUMA[0] + x[..., 1:2] * _LUMA[1]) + x[..., 2:3] * _LUMA[2]
 
 
 def _adjust_hue(x: np.ndarray, shift) -> np.ndarray:
   """Rotates hue by `shift` turns (HSV hue shift, as torchvision's adjust_hue).
 
   `shift` is a number or broadcasts against x's leading axes, e.g. (N, 1, 1) for (N, H, W, 3).
+  Back from HSV without a six-way select: channel c is V - (V - min) * clip(min(k, 4 - k), 0, 1)
+  with k = (n_c + 6 h) mod 6, n = (5, 3, 1) for (R, G, B). Channels-first and np.floor
+  instead of np.mod: several times faster on large views.
   """
-  r, g, b = x[..., 0], x[..., 1], x[..., 2]
-  maxc, minc = x.max(-1), x.min(-1)
-  v = maxc
-  delta = maxc - minc
-  s = np.where(maxc > 0, delta / np.maximum(maxc, 1e-12), 0.0)
-  safe = np.maximum(delta, 1e-12)
-  rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
-  h = np.where(maxc == r, bc - gc, np.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-  h = np.where(delta > 0, (h / 6.0) % 1.0, 0.0)
-  h = (h + shift) % 1.0
-  i = np.floor(h * 6.0)
-  f = h * 6.0 - i
-  p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-  i = i.astype(np.int64) % 6
-  choices = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
-  out = np.zeros_like(x)
-  for k, (cr, cg, cb) in enumerate(choices):
-    mask = i == k
-    out[..., 0] = np.where(mask, cr, out[..., 0])
-    out[..., 1] = np.where(mask, cg, out[..., 1])
-    out[..., 2] = np.where(mask, cb, out[..., 2])
-  return out
+  r, g, b = np.ascontiguousarray(np.moveaxis(x, -1, 0))
+  maxc = np.maximum(np.maximum(r, g), b)
+  delta = maxc - np.minimum(np.minimum(r, g), b)
+  inv = np.float32(1.0) / np.maximum(delta, np.float32(1e-12))
+  # hue in sixths of a turn
+  h = np.where(maxc == r, (g - b) * inv,
+               np.where(maxc == g, (b - r) * inv + np.float32(2.0), (r - g) * inv + np.float32(4.0)))
+  h += np.float32(6.0) * np.asarray(shift, np.float32)
+  out = np.empty((3,) + h.shape, np.float32)
+  for channel, n in enumerate((5.0, 3.0, 1.0)):
+    k = h + np.float32(n)
+    k -= np.float32(6.0) * np.floor(k * np.float32(1.0 / 6.0))
+    ramp = np.minimum(k, np.float32(4.0) - k)
+    np.clip(ramp, 0.0, 1.0, out=ramp)
+    np.subtract(maxc, ramp * delta, out=out[channel])
+  return np.moveaxis(out, 0, -1)
 
 
 def _per_view(f: np.ndarray) -> np.ndarray:
@@ -264,40 +263,18 @@ def color_jitter(x: np.ndarray, apply: np.ndarray, factors: np.ndarray,
   return x
 
 
-def _blur_axis(x: np.ndarray, kernels: np.ndarray, axis: int) -> np.ndarray:
-  """Correlates axis `axis` (1 or 2) of x (N, H, W, C) with each view's kernel (N, 2R+1)."""
-  radius = (kernels.shape[1] - 1) // 2
-  size = x.shape[axis]
-  # 'reflect' borders (d c b|a b c d), folded as often as the kernel needs on small views
-  index = np.arange(-radius, size + radius)
-  if size > 1:
-    period = 2 * (size - 1)
-    index = np.mod(index, period)
-    index = np.where(index >= size, period - index, index)
-  else:
-    index = np.zeros_like(index)
-  padded = np.take(x, index, axis=axis)
-  out = np.zeros_like(x)
-  for j in range(kernels.shape[1]):
-    window = padded[:, j:j + size] if axis == 1 else padded[:, :, j:j + size]
-    out += _per_view(kernels[:, j]) * window
-  return out
-
-
-def gaussian_kernels(sigmas: np.ndarray) -> np.ndarray:
-  """(N, 2R+1) normalised Gaussian kernels, each of radius ceil(3 sigma) padded with zeros."""
-  radii = np.maximum(1, np.ceil(3.0 * sigmas)).astype(np.int64)
-  radius = int(radii.max())
-  offsets = np.arange(-radius, radius + 1)
-  kernels = np.exp(-0.5 * (offsets / sigmas[:, None]) ** 2)
-  kernels = np.where(np.abs(offsets) <= radii[:, None], kernels, 0.0)
-  return (kernels / kernels.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
 def gaussian_blur(x: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
-  """Separable Gaussian blur of each view of x (N, H, W, C) with its sigma (N,) in pixels."""
-  kernels = gaussian_kernels(np.asarray(sigmas, np.float64))
-  return _blur_axis(_blur_axis(x, kernels, 1), kernels, 2)
+  """Separable Gaussian blur of each view of x (N, H, W, C) with its sigma (N,) in pixels.
+
+  Kernel radius ceil(3 sigma), 'reflect' borders (d c b|a b c d; scipy's 'mirror'). One
+  scipy call per view: its C loop beats any NumPy formulation on large views.
+  """
+  out = np.empty_like(x)
+  for i, sigma in enumerate(np.asarray(sigmas, np.float64)):
+    radius = max(1, math.ceil(3.0 * sigma))
+    ndimage.gaussian_filter(x[i], (sigma, sigma, 0), mode='mirror', truncate=radius / sigma,
+                            output=out[i])
+  return out
 
 
 def finish_views(views: np.ndarray, draws: dict, spec: AugmentSpec) -> np.ndarray:
