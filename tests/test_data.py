@@ -109,7 +109,9 @@ def _blur_reference(x, sigma):
   return along_rows(along_rows(x.astype(np.float64)).T).T
 
 
-def test_gaussian_blur_matches_an_explicit_reflect_filter():
+@pytest.mark.parametrize('scipy_from', [0, 10**9])   # per-view scipy calls / all views in NumPy
+def test_gaussian_blur_matches_an_explicit_reflect_filter(scipy_from, monkeypatch):
+  monkeypatch.setattr(augment, '_SCIPY_BLUR_MIN_VALUES', scipy_from)
   x = np.random.default_rng(2).random((3, 16, 16, 2)).astype(np.float32)
   sigmas = np.array([0.3, 1.0, 2.5])
   out = augment.gaussian_blur(x, sigmas)
