@@ -1,4 +1,4 @@
-"""Fashion-MNIST on a CPU: the default that anyone can run (about 20 minutes on 2 cores).
+"""Fashion-MNIST on a CPU: the default that anyone can run (7-20 minutes on 2 cores, by machine).
 
 python -m lejepa_jax.main --config=configs/fmnist.py --workdir=/tmp/fmnist
 python -m lejepa_jax.main --config=configs/fmnist.py:runlocal --workdir=/tmp/fmnist_local
