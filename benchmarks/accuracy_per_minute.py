@@ -542,7 +542,8 @@ def main(argv):
     print(f'  {side:5s} {sec:.3f} s/step x batch {batch[side]} = '
           f'{batch[side] / sec:.0f} images/s, startup {startup:.1f} s ({versions})', flush=True)
 
-  runs = []
+  mesh = sharding_lib.make_mesh(config.get('mesh'))
+  rows = []
   for i, minutes in enumerate(budgets):
     for side in (('ours', 'torch') if i % 2 == 0 else ('torch', 'ours')):
       sec, startup, _ = cal[side]
@@ -554,17 +555,14 @@ def main(argv):
       over = '  OVER BUDGET' if result['wall_s'] > 60 * minutes else ''
       print(f'{minutes:g} min, {side}: {total} steps in {result["wall_s"] / 60:.2f} min{over} '
             f'({run_dir})', flush=True)
-      runs.append((minutes, side, result, run_dir / 'features.npz'))
+      # Probed at once (nothing trains meanwhile), so an interrupted run keeps its figures.
+      top1, lr, n_train, n_test = probe(run_dir / 'features.npz', config, mesh)
+      images = result['steps'] * result['batch_size']
+      rows.append(f'| {minutes:g} | {side} | {result["steps"]} | {images:,} | '
+                  f'{result["wall_s"] / 60:.2f} | {images / result["wall_s"]:.0f} | {lr:g} | '
+                  f'{top1:.4f} |')
+      print(f'{minutes:g} min, {side}: linear-probe top-1 {top1:.4f} (lr {lr:g})', flush=True)
 
-  mesh = sharding_lib.make_mesh(config.get('mesh'))
-  rows = []
-  for minutes, side, result, path in runs:   # after all training: nothing else runs meanwhile
-    print(f'probing {minutes:g} min, {side}: {path}', flush=True)
-    top1, lr, n_train, n_test = probe(path, config, mesh)
-    images = result['steps'] * result['batch_size']
-    rows.append(f'| {minutes:g} | {side} | {result["steps"]} | {images:,} | '
-                f'{result["wall_s"] / 60:.2f} | {images / result["wall_s"]:.0f} | {lr:g} | '
-                f'{top1:.4f} |')
   print(f'\nmachine: {machine()}; linear probe: config evals.linear_probe on {n_train:,} train / '
         f'{n_test:,} test images')
   print('| budget (min) | side | steps | images | wall (min) | images/s | probe lr | '
