@@ -76,7 +76,8 @@ def export_config(config, step: int, workdir: str) -> dict:
           'images (B, input_size, input_size, channels); uint8 scaled by 1/255 (float taken '
           'in [0, 1]), then (x - mean) / std per channel. From an image of any size, the '
           'evaluation view: centre square crop of eval_crop_fraction of the shorter side, '
-          'bilinear resize (half-pixel centres, no antialiasing) to input_size '
+          "Pillow's bilinear resize (antialiased when shrinking, as torchvision's) to input_size "
+          '(uint8, then scaled) '
           '(lejepa_jax.data.augment.eval_view; Encoder.preprocess)'),
       'step': int(step),
       'workdir': workdir,

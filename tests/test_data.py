@@ -1,7 +1,5 @@
 """Augmentations against references, crop scales, and the Grain pipelines: determinism,
 resumption, and batches that do not depend on the number of processes reading them."""
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -53,14 +51,19 @@ def test_crop_box_falls_back_to_the_centred_box_of_clamped_ratio():
   assert augment.crop_box(u, 100, 10, (0.9, 1.0), (3 / 4, 4 / 3)) == (43, 0, 13, 10)
 
 
-def test_resize_matrix_matches_jax_image_resize():
-  image = np.random.default_rng(1).random((12, 12)).astype(np.float32)
-  m = augment.resize_matrix(0, 12, 12, 7)
-  ref = jax.image.resize(jnp.asarray(image), (7, 7), 'bilinear', antialias=False)
-  np.testing.assert_allclose(m @ image @ m.T, ref, atol=1e-5)
-  np.testing.assert_allclose(augment.resize_matrix(0, 12, 12, 12), np.eye(12), atol=1e-6)
-  crop = augment.resize_matrix(3, 6, 12, 6)   # a 6-pixel crop at its own size is a selection
-  np.testing.assert_allclose(crop @ image, image[3:9], atol=1e-6)
+def test_eval_view_is_pillows_centre_crop_and_resize():
+  from PIL import Image
+  image = np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+  spec = augment.AugmentSpec()
+  out = augment.eval_view(image, 224, spec, crop_fraction=0.875)
+  side = round(300 * 0.875)                       # 262 px square at the centre
+  top, left = (300 - side) // 2, (400 - side) // 2
+  ref = np.asarray(Image.fromarray(image).resize((224, 224), Image.Resampling.BILINEAR,
+                                                  box=(left, top, left + side, top + side)))
+  np.testing.assert_allclose(out, augment.normalize(ref / np.float32(255), spec), atol=1e-5)
+  small = image[:28, :28, :1]                     # whole image at its own size: unchanged
+  np.testing.assert_allclose(augment.eval_view(small, 28, spec),
+                             augment.normalize(small / np.float32(255), spec), atol=1e-6)
 
 
 @pytest.mark.parametrize('box,size', [((0, 0, 28, 31), 28), ((3, 5, 11, 17), 14),

@@ -1,17 +1,18 @@
 """Multi-crop augmentations in NumPy and Pillow, in two stages (run inside Grain threads).
 
-1. Per record (`crop_views`): every random draw of a view comes from one row of uniforms
-   (one rng call per record and view size), and the geometry runs in Pillow on uint8:
-   RandomResizedCrop's box resized with Pillow's bilinear filter (antialiased when it
-   shrinks, exactly torchvision's PIL path) and the horizontal flip. Pillow's C code is
-   fast on any image size and lets other threads run.
+1. Per record (`crop_views`): one rng call draws every choice of every view (a row of
+   uniforms per view), and the crops are made in uint8: RandomResizedCrop's box resized with
+   Pillow's bilinear filter (antialiased when it shrinks: torchvision's PIL path), by Pillow
+   itself on large images and by cached matrices that reproduce its filter on small ones
+   (where Pillow's per-call overhead dominates), then the horizontal flip.
 2. Per batch (`finish_views`): the photometric steps on all views of the batch at once in
    float32: colour jitter (its four ops in a random order per view), grayscale, Gaussian
    blur, solarize, normalisation. Vectorised over the batch, the per-call overhead of NumPy
    is paid once per batch, not once per view.
 
 The order of the steps is torchvision's: crop, flip, jitter, grayscale, blur, solarize,
-normalise. Evaluation views are one deterministic centre crop (`eval_view`).
+normalise. Evaluation views are one deterministic centre crop resized the same way
+(`eval_view`).
 """
 from __future__ import annotations
 
@@ -111,6 +112,13 @@ def photometric_draws(u: np.ndarray, spec: AugmentSpec) -> dict:
   }
 
 
+def _checked(image: np.ndarray) -> np.ndarray:
+  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
+    raise ValueError(f'augmentations take uint8 (H, W, 1 or 3) images, got {image.dtype} '
+                     f'{image.shape}')
+  return image
+
+
 def _to_pil(image: np.ndarray) -> Image.Image:
   return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
 
@@ -166,10 +174,7 @@ def crop_views(rng: np.random.Generator, image: np.ndarray,
 
   One rng call for all views of the record.
   """
-  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
-    raise ValueError(f'augmentations take uint8 (H, W, 1 or 3) images, got {image.dtype} '
-                     f'{image.shape}')
-  height, width, _ = image.shape
+  height, width, _ = _checked(image).shape
   u = rng.random((sum(count for _, count in views), NUM_UNIFORMS))
   draws = photometric_draws(u, spec)
   rows = u.tolist()
@@ -341,29 +346,6 @@ def finish_views(views: np.ndarray, draws: dict, spec: AugmentSpec) -> np.ndarra
 
 # ---------------------------------------------------------------- evaluation
 
-def resize_matrix(start: int, length: int, in_size: int, out_size: int) -> np.ndarray:
-  """(out_size, in_size) bilinear weights resampling [start, start+length) to out_size.
-
-  Half-pixel centres (align_corners=False), edge-clamped, no antialiasing.
-  """
-  centres = start + (np.arange(out_size) + 0.5) * (length / out_size) - 0.5
-  centres = np.clip(centres, 0, in_size - 1)
-  lo = centres.astype(np.int64)              # floor: centres are >= 0
-  hi = np.minimum(lo + 1, in_size - 1)
-  frac = (centres - lo).astype(np.float32)
-  m = np.zeros((out_size, in_size), np.float32)
-  rows = np.arange(out_size)
-  m[rows, lo] = 1.0 - frac
-  m[rows, hi] += frac                        # lo == hi only where frac == 0
-  return m
-
-
-def _apply(rows: np.ndarray, x: np.ndarray, cols: np.ndarray) -> np.ndarray:
-  """rows @ x @ cols^T on each channel of x (H, W, C) -> (out_h, out_w, C)."""
-  y = np.matmul(rows, np.moveaxis(x, -1, 0))          # (C, out_h, W)
-  return np.moveaxis(np.matmul(y, cols.T), 0, -1)
-
-
 def normalize(x: np.ndarray, spec: AugmentSpec) -> np.ndarray:
   channels = x.shape[-1]
   mean = np.asarray(spec.mean[:channels], np.float32)
@@ -372,10 +354,10 @@ def normalize(x: np.ndarray, spec: AugmentSpec) -> np.ndarray:
 
 
 def eval_view(image: np.ndarray, size: int, spec: AugmentSpec, crop_fraction: float = 1.0) -> np.ndarray:
-  """Deterministic evaluation view: centre crop of `crop_fraction`, resized, normalised."""
+  """Deterministic evaluation view: centre square of `crop_fraction` of the shorter side,
+  resized to `size` with the training crops' filter, normalised (float32 (size, size, C))."""
   height, width, _ = image.shape
   side = int(round(min(height, width) * crop_fraction))
-  rows = resize_matrix((height - side) // 2, side, height, size)
-  cols = resize_matrix((width - side) // 2, side, width, size)
-  x = _apply(rows, image.astype(np.float32) * np.float32(1.0 / 255.0), cols)
-  return normalize(x, spec)
+  box = ((height - side) // 2, (width - side) // 2, side, side)
+  crop = _resize_crops(_checked(image), [box], size)[0]
+  return normalize(crop.astype(np.float32) * np.float32(1.0 / 255.0), spec)
