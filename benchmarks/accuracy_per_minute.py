@@ -97,6 +97,8 @@ import sys
 import tempfile
 import time
 
+import machine as machine_lib   # benchmarks/machine.py, beside this script
+
 import numpy as np
 
 # MINIMAL.md's settings (its command line `+lamb=0.02 +V=4 +proj_dim=16 +lr=2e-3 +bs=256` and
@@ -438,13 +440,8 @@ def ours_config(config, total, *, calibration):
 
 # ----------------------------------------------------------------------------- runs
 
-def machine():
-  try:
-    out = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
-    model = next(l.split(':', 1)[1].strip() for l in out.splitlines() if l.startswith('Model name'))
-  except (OSError, subprocess.CalledProcessError, StopIteration):
-    model = '?'
-  return f'{model} (lscpu model name), {os.cpu_count()} logical CPUs'
+def machine() -> str:
+  return machine_lib.cpu()
 
 
 def _launch(side, run_dir, config, total, *, calibration, features):

@@ -16,6 +16,8 @@ share the cores with nothing else; run it on a quiet machine.
 import statistics
 import time
 
+import machine as machine_lib   # benchmarks/machine.py, beside this script
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -34,13 +36,7 @@ _STEPS = flags.DEFINE_integer('steps', 40, 'steps per side and round')
 
 
 def machine() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    model = 'unknown CPU'
-  import os
-  return f'{model}, {os.cpu_count()} cores'
+  return machine_lib.cpu()
 
 
 def main(argv):

@@ -7,8 +7,6 @@ config's ViT at random initialisation (no pretraining): the figures a
 pretrained encoder has to beat.
 """
 from absl import app
-from absl import flags
-import jax
 import numpy as np
 from ml_collections import config_flags
 

@@ -69,6 +69,8 @@ import sys
 import tempfile
 import time
 
+import machine as machine_lib   # benchmarks/machine.py, beside this script
+
 try:  # absent from the torchvision venv, where only the child side runs
   from absl import app
   from absl import flags
@@ -334,19 +336,8 @@ def define_flags() -> None:
 
 
 def machine() -> str:
-  model, isa = platform.processor(), set()
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          model = line.split(':', 1)[1].strip()
-        elif line.startswith('flags'):
-          isa = set(line.split(':', 1)[1].split())
-  except OSError:
-    pass
-  isa = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in isa]
-  return (f'{model or "?"}, {os.cpu_count()} logical CPUs, {"/".join(isa) or "no AVX2"} (this '
-          f'process may use {len(os.sched_getaffinity(0))}); Python {platform.python_version()}')
+  return (f'{machine_lib.cpu()} (this process may use {len(os.sched_getaffinity(0))}); '
+          f'Python {platform.python_version()}')
 
 
 def check_torchvision(python: str) -> str:

@@ -37,9 +37,10 @@ Absolute numbers move with the machine's load (other processes slow the OpenMP-t
 PyTorch side far more than ours); compare ratios within one run, on a quiet machine.
 """
 import os
-import platform
 import statistics
 import time
+
+import machine as machine_lib   # benchmarks/machine.py, beside this script
 
 from absl import app
 from absl import flags
@@ -77,19 +78,8 @@ _MATMUL = 2048
 # ----------------------------------------------------------------------------- machine
 
 def machine() -> str:
-  model, flags_ = platform.processor() or '?', set()
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name') and model in ('?', 'x86_64', ''):
-          model = line.split(':', 1)[1].strip()
-        elif line.startswith('flags'):
-          flags_ = set(line.split(':', 1)[1].split())
-  except OSError:
-    pass
-  isa = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in flags_]
-  return (f'{model}, {os.cpu_count()} logical CPUs, {"/".join(isa) or "no AVX2"}; '
-          f'jax {jax.__version__}, torch {torch.__version__ if torch else "absent"}; '
+  return (f'{machine_lib.cpu()}; jax {jax.__version__}, '
+          f'torch {torch.__version__ if torch else "absent"}; '
           f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
 
 
