@@ -12,8 +12,9 @@ Speed (measured with benchmarks/train_step.py; each is exact up to float roundin
   (nothing else reads it), with keys and values folded into the query
   (`_attention_cls_queries`): 40% fewer FLOPs for the 2-block CPU default
   (ViTConfig.cls_only_last, model.cls_only_last; the scanned blocks compute every token);
-- GELU is recomputed in the backward pass and the MLP's dense layers choose which operand
-  their weight gradient transposes (`_dense_bwd`): fewer passes over the widest activations.
+- GELU is recomputed in the backward pass and, without remat, the MLP's dense layers choose
+  which operand their weight gradient transposes (`_dense_bwd`): fewer passes over the widest
+  activations.
 """
 from __future__ import annotations
 
@@ -104,11 +105,21 @@ def _dense_bwd(residuals, dy):
 _dense_apply.defvjp(_dense_fwd, _dense_bwd)
 
 
+def _dense_autodiff(x, kernel, bias):
+  return jnp.dot(x, kernel) + bias
+
+
 class Dense(nn.Module):
-  """nn.Dense (same parameters) with a backward pass chosen for speed on CPUs."""
+  """nn.Dense (same parameters), optionally with the backward pass above.
+
+  custom_grad: only without remat. A remat policy cannot save the output of a custom_vjp
+  function (it is not a dot to the policy), so under `dots_no_batch` the whole MLP forward
+  was recomputed in the backward pass: 12% more FLOPs for ViT-g (plan).
+  """
   features: int
   axes: tuple
   dtype: Any = jnp.float32
+  custom_grad: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -116,11 +127,12 @@ class Dense(nn.Module):
         nn.initializers.xavier_uniform(), self.axes), (x.shape[-1], self.features))
     bias = self.param('bias', nn.with_logical_partitioning(
         nn.initializers.zeros, self.axes[-1:]), (self.features,))
-    return _dense_apply(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
+    apply = _dense_apply if self.custom_grad else _dense_autodiff
+    return apply(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
 
 
-def _dense(features, axes, dtype, name=None):
-  return Dense(features, axes, dtype, name=name)
+def _dense(features, axes, cfg, name=None):
+  return Dense(features, axes, cfg.dtype, custom_grad=cfg.remat == 'none', name=name)
 
 
 # GELU keeps only its input for the backward pass and recomputes the rest there, instead of
@@ -244,10 +256,10 @@ class Block(nn.Module):
       x = _cls_tokens(x, views)
     x = x + y
     y = _layer_norm(cfg.dtype, 'norm2')(x)
-    y = _dense(cfg.mlp_dim, ('embed', 'mlp'), cfg.dtype, 'mlp_in')(y)
+    y = _dense(cfg.mlp_dim, ('embed', 'mlp'), cfg, 'mlp_in')(y)
     y = _gelu(y)
     y = nn.with_logical_constraint(y, ('batch', 'seq', 'mlp'))
-    y = _dense(cfg.width, ('mlp', 'embed'), cfg.dtype, 'mlp_out')(y)
+    y = _dense(cfg.width, ('mlp', 'embed'), cfg, 'mlp_out')(y)
     x = nn.with_logical_constraint(x + y, ('batch', 'seq', 'embed'))
     cls = x if self.cls_only else _cls_tokens(x, views)
     return x, (cls if self.views else cls[:, 0])
