@@ -82,9 +82,10 @@ it) on both feature sets, loaded from the children's .npz files the same way
 (`features.from_numpy`), with the same seed. --max_probe_examples caps both splits (the first
 N images of each) for smoke runs.
 
-Printed: the machine (lscpu model name), the calibration, one line per timed run, then a
-table: budget, side, steps, images seen, wall minutes, images/s (images, not views, over the
-whole wall time, startup included), the probe's lr and its test top-1.
+Printed: the machine (CPU model, cores, vector extensions), the calibration, one line per
+timed run and its probe, then a table: budget, side, steps, images seen, wall minutes,
+images/s (images, not views, over the whole wall time, startup included), the probe's lr and
+its test top-1.
 """
 import gzip
 import json
@@ -440,10 +441,6 @@ def ours_config(config, total, *, calibration):
 
 # ----------------------------------------------------------------------------- runs
 
-def machine() -> str:
-  return machine_lib.cpu()
-
-
 def _launch(side, run_dir, config, total, *, calibration, features):
   """Runs one side's child for `total` steps in run_dir; returns its result with wall_s."""
   run_dir.mkdir(parents=True)
@@ -529,7 +526,7 @@ def main(argv):
   if taken:     # a fresh directory per run: our trainer would resume from an old checkpoint
     raise SystemExit(f'--workdir={root} already holds (or --minutes repeats) {", ".join(taken)}: '
                      'pass a new --workdir and distinct budgets')
-  print(f'machine: {machine()}; runs in {root}', flush=True)
+  print(f'machine: {machine_lib.cpu()}; runs in {root}', flush=True)
 
   cal = {side: calibrate(side, root, config) for side in ('ours', 'torch')}
   batch = {'ours': config.batch_size, 'torch': RECIPE['batch_size']}
@@ -560,7 +557,7 @@ def main(argv):
                   f'{top1:.4f} |')
       print(f'{minutes:g} min, {side}: linear-probe top-1 {top1:.4f} (lr {lr:g})', flush=True)
 
-  print(f'\nmachine: {machine()}; linear probe: config evals.linear_probe on {n_train:,} train / '
+  print(f'\nmachine: {machine_lib.cpu()}; linear probe: config evals.linear_probe on {n_train:,} train / '
         f'{n_test:,} test images')
   print('| budget (min) | side | steps | images | wall (min) | images/s | probe lr | '
         'linear-probe top-1 |')

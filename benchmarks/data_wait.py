@@ -35,14 +35,10 @@ _ROUNDS = flags.DEFINE_integer('rounds', 6, 'alternating rounds')
 _STEPS = flags.DEFINE_integer('steps', 40, 'steps per side and round')
 
 
-def machine() -> str:
-  return machine_lib.cpu()
-
-
 def main(argv):
   del argv
   config = _CONFIG.value
-  print('machine:', machine())
+  print('machine:', machine_lib.cpu())
   mesh = sharding_lib.make_mesh(config.get('mesh'))
   programs = steps.build(config, mesh, config.total_steps)
   source = sources.get_source(config.data, config.data.train_split)

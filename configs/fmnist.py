@@ -1,4 +1,4 @@
-"""Fashion-MNIST on a CPU: the default that anyone can run (16-25 minutes on 2 cores, by machine).
+"""Fashion-MNIST on a CPU: the default that anyone can run (16 minutes on a fast 2-core VM).
 
 python -m lejepa_jax.main --config=configs/fmnist.py --workdir=/tmp/fmnist
 python -m lejepa_jax.main --config=configs/fmnist.py:runlocal --workdir=/tmp/fmnist_local

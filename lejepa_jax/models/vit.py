@@ -81,13 +81,16 @@ def vit_config(variant: str, *, patch_size: int, image_size: int, **overrides) -
   return ViTConfig(patch_size=patch_size, image_size=image_size, **base)
 
 
-@jax.custom_vjp
-def _dense_apply(x, kernel, bias):
+def _dense_autodiff(x, kernel, bias):
   return jnp.dot(x, kernel) + bias
 
 
+# The same function with the backward pass below.
+_dense_apply = jax.custom_vjp(_dense_autodiff)
+
+
 def _dense_fwd(x, kernel, bias):
-  return _dense_apply(x, kernel, bias), (x, kernel)
+  return _dense_autodiff(x, kernel, bias), (x, kernel)
 
 
 def _dense_bwd(residuals, dy):
@@ -103,10 +106,6 @@ def _dense_bwd(residuals, dy):
 
 
 _dense_apply.defvjp(_dense_fwd, _dense_bwd)
-
-
-def _dense_autodiff(x, kernel, bias):
-  return jnp.dot(x, kernel) + bias
 
 
 class Dense(nn.Module):
