@@ -5,6 +5,7 @@ Importing this module defines the flags; call `setup()` first thing in a command
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -14,6 +15,7 @@ from absl import flags
 from absl import logging
 import jax
 
+import lejepa_jax
 from lejepa_jax import config_schema
 
 _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', ['auto', 'yes', 'no'],
@@ -24,6 +26,10 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processe
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
 _CPU_DEVICES = flags.DEFINE_integer('cpu_devices', None,
                                     'Simulate this many CPU devices per process (testing).')
+_ALLOW_CPU_FALLBACK = flags.DEFINE_bool(
+    'allow_cpu_fallback', False, 'Train on the CPU even when JAX fell back to it (libtpu '
+    'installed, no TPU or GPU visible) and the config asks for an accelerator (model.dtype '
+    'other than float32, or a mesh of more devices than the CPU has).')
 
 _MULTIPROCESS_ENV = ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE', 'MEGASCALE_COORDINATOR_ADDRESS',
                      'TPU_WORKER_HOSTNAMES')
@@ -55,7 +61,8 @@ def _maybe_initialize_distributed() -> None:
 
 
 def setup() -> None:
-  """Quiet library logs, simulated CPU devices, gloo on CPU, jax.distributed when wanted."""
+  """Quiet library logs, simulated CPU devices, gloo on CPU, jax.distributed when wanted;
+  logs lejepa_jax.CPU_FALLBACK (a warning unless --cpu_devices asked for the CPU)."""
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if _CPU_DEVICES.value:
     jax.config.update('jax_num_cpu_devices', _CPU_DEVICES.value)
@@ -66,6 +73,54 @@ def setup() -> None:
   logging.info('JAX %s, process %d/%d, %d local / %d global devices (%s)', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())
+  if lejepa_jax.CPU_FALLBACK:
+    # --cpu_devices asks for the CPU: then it is no surprise.
+    (logging.info if _CPU_DEVICES.value else logging.warning)(
+        '%s; set JAX_PLATFORMS=cpu to choose the CPU (and silence this), or make the TPU/GPU '
+        'visible to this process', lejepa_jax.CPU_FALLBACK)
+
+
+def accelerator_needs(config, cpu_devices: int) -> list[str]:
+  """What in `config` asks for a TPU or GPU, one phrase each (empty: the CPU will do)."""
+  needs = []
+  dtype = str((config.get('model') or {}).get('dtype', 'float32'))
+  if dtype != 'float32':
+    needs.append(f'model.dtype={dtype!r} (CPUs have no fast {dtype})')
+  mesh = dict(config.get('mesh') or {})
+  try:
+    fixed = math.prod(int(v) for v in mesh.values() if int(v) != -1)
+  except (TypeError, ValueError):
+    fixed = 1   # a malformed mesh: train.validate names it
+  if fixed > cpu_devices:
+    needs.append(f'mesh {mesh} needs {fixed} devices, the CPU has {cpu_devices}')
+  return needs
+
+
+def cpu_fallback_problem(config, *, fallback: str | None, allowed: bool,
+                         cpu_devices: int) -> str | None:
+  """The refusal when JAX fell back to the CPU by itself (`fallback`, lejepa_jax.CPU_FALLBACK)
+  and `config` needs an accelerator, or None. `allowed`: the CPU was asked for
+  (--allow_cpu_fallback or --cpu_devices)."""
+  if not fallback or allowed:
+    return None
+  needs = accelerator_needs(config, cpu_devices)
+  if not needs:
+    return None
+  return (f'{fallback}, and the config asks for an accelerator: {"; ".join(needs)}. Make the '
+          'TPU/GPU visible to this process (a container needs the device and /sys/bus/pci), or '
+          'set JAX_PLATFORMS (tpu, cuda or cpu) to choose the platform yourself, or pass '
+          '--allow_cpu_fallback to train on the CPU anyway')
+
+
+def check_cpu_fallback(config) -> None:
+  """`fail` (exit 2) with `cpu_fallback_problem`'s message; call after `setup`, before
+  anything compiles or touches the workdir."""
+  problem = cpu_fallback_problem(
+      config, fallback=lejepa_jax.CPU_FALLBACK,
+      allowed=_ALLOW_CPU_FALLBACK.value or bool(_CPU_DEVICES.value),
+      cpu_devices=jax.device_count())
+  if problem:
+    fail(problem)
 
 
 def fail(message: str) -> None:

@@ -8,6 +8,9 @@ SLURM/Open MPI, or from --coordinator_address/--num_processes/--process_id.
 Bad config values (unknown keys on the command line or in the config file included) and
 missing or malformed data fail before anything compiles or touches the workdir: one line
 `[lejepa_jax] error: ...` on stderr naming the key or the path and what to do, exit status 2.
+So does a config that needs an accelerator (bfloat16, a mesh of more devices than the CPU has)
+when JAX fell back to the CPU by itself (libtpu installed, no TPU or GPU visible; logged as a
+warning): make the accelerator visible, set JAX_PLATFORMS, or pass --allow_cpu_fallback.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   del argv
   cli.setup()
+  cli.check_cpu_fallback(_CONFIG.value)   # ViT-g on a CPU nobody asked for: refuse
   from lejepa_jax import train  # after distributed init: importing is cheap, devices are not
   from lejepa_jax.data import sources
   try:
