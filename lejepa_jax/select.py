@@ -10,7 +10,8 @@ is divided by lambda^alpha with alpha about 0.4, so a sweep can be ranked withou
 This command checks that claim on finished runs and says which run the label-free score picks.
 
 Per workdir DIR (positional arguments; a shell glob such as OUTDIR/* is fine: plain files
-it matches are ignored):
+it matches are ignored; DIR may also be a gs:// URL, read through etils.epath like the
+workdirs themselves):
   lambda     `lamb` of DIR/config.json (the resolved config the run stored); lr: `optim.lr`.
   accuracy   the `--metric` value of DIR/metrics.jsonl (the last step that has it; when a
              step is logged twice, the later line wins, key by key).
@@ -47,14 +48,15 @@ accuracy vs loss / lambda^best_alpha, and rho vs alpha.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
-import os
 import sys
 from typing import Iterable, Sequence
 
 from absl import app
 from absl import flags
+from etils import epath
 import numpy as np
 
 from lejepa_jax import run_config
@@ -191,7 +193,7 @@ def read_metrics(path) -> dict:
   key). Lines that do not parse (a line cut short by a kill) or have no integer step are
   ignored."""
   records: dict = {}
-  with open(path) as f:
+  with epath.Path(path).open() as f:
     for line in f:
       try:
         record = json.loads(line)
@@ -215,15 +217,16 @@ def final_value(records: dict, key: str, last_n: int, max_step=None):
 
 def load_run(workdir: str, metric: str, loss_key: str, last_n: int) -> Run:
   """Reads one workdir; raises Skip(reason) when it cannot be used."""
-  if not os.path.exists(workdir):
+  path = epath.Path(workdir)   # a local directory or gs://... (whatever epath reads)
+  if not path.exists():
     raise Skip('does not exist')
-  if not os.path.isdir(workdir):
+  if not path.is_dir():
     raise Skip('not a directory')
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(os.path.join(workdir, run_config.FILE)):
+  metrics_path = path / 'metrics.jsonl'
+  if not (path / run_config.FILE).exists():
     raise Skip(f'no {run_config.FILE} (not a lejepa_jax workdir, or made before configs '
                'were stored)')
-  if not os.path.exists(metrics_path):
+  if not metrics_path.exists():
     raise Skip('no metrics.jsonl (not started)')
   config = run_config.load(workdir)
   records = read_metrics(metrics_path)
@@ -255,11 +258,11 @@ def load_runs(workdirs: Iterable[str], metric: str, loss_key: str, last_n: int):
   dropped). Plain files (what OUTDIR/* also matches: logs, select.png) are ignored."""
   runs, skipped, files, seen = [], [], [], set()
   for d in workdirs:
-    d = os.path.normpath(d)
+    d = str(epath.Path(d))   # a/./b/ -> a/b; gs://b/x/ -> gs://b/x (os.path would mangle gs://)
     if d in seen:
       continue
     seen.add(d)
-    if os.path.isfile(d):
+    if epath.Path(d).is_file():
       files.append(d)
       continue
     try:
@@ -330,8 +333,12 @@ def _fmt(x, spec='.4f'):
 
 def default_plot_path(workdirs: Sequence[str]) -> str:
   """select.png in the deepest directory that holds all the runs (OUTDIR for OUTDIR/*)."""
-  parents = [os.path.dirname(os.path.abspath(d)) for d in workdirs]
-  return os.path.join(os.path.commonpath(parents), 'select.png')
+  paths = [epath.Path(d) for d in workdirs]
+  parents = [(p if p.is_absolute() else p.absolute()).parent for p in paths]
+  common = parents[0]
+  while not all(p == common or common in p.parents for p in parents):
+    common = common.parent
+  return str(common / 'select.png')
 
 
 def table(sel: Selection) -> str:
@@ -405,9 +412,12 @@ def plot(sel: Selection, path: str, metric: str, loss_key: str) -> None:
   for ax in axes:
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
+  png = io.BytesIO()
+  fig.savefig(png, format='png', dpi=100)
   plt.close(fig)
+  out = epath.Path(path)
+  out.parent.mkdir(parents=True, exist_ok=True)   # nothing to make on an object store
+  out.write_bytes(png.getvalue())
 
 
 def summary(sel: Selection, skipped, plot_path) -> dict:
@@ -449,7 +459,7 @@ def main(argv):
 
   runs, skipped, files = load_runs(workdirs, _METRIC.value, _LOSS.value, _LAST_N.value)
   if files:
-    print(f'ignored {len(files)} plain file(s): {", ".join(os.path.basename(f) for f in files)}')
+    print(f'ignored {len(files)} plain file(s): {", ".join(epath.Path(f).name for f in files)}')
   for d, reason in skipped:
     print(f'skipped {d}: {reason}')
   if len(runs) < MIN_RUNS:
