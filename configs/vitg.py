@@ -78,11 +78,12 @@ def imagenet_vit(variant: str, patch_size: int, *, epochs: float, batch_size: in
   d.global_scale = (0.3, 1.0)
   d.local_scale = (0.05, 0.3)
   d.eval_crop_fraction = 0.875
-  d.num_threads = 16
+  # 'auto': from the cores of each process (one per GPU under SLURM shares a node's cores).
+  d.num_threads = 'auto'
   d.prefetch = 4
   d.verify_images = 'auto'           # folder source only: header-check the images first
   d.resize_shorter = 0               # folder source only: shorter side resized on loading (0: no)
-  d.num_workers = 32
+  d.num_workers = 'auto'             # lejepa_jax/data/host_resources.py
   d.augment = a = ml_collections.ConfigDict()
   a.flip_prob = 0.5
   a.jitter_prob = 0.8
