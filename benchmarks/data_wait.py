@@ -4,14 +4,17 @@ against the same step on one fixed batch, alternating, in one run.
   python benchmarks/data_wait.py [--config=configs/fmnist.py] [--rounds=6] [--steps=40]
 
 Fed: `pipeline.train_dataset` on the config's training split (Grain threads, multi-crop,
-photometric steps) feeding `steps.build(...).train_step` the way `train.py` does: the next
-batch is read and put on the devices while the step just dispatched runs; the seconds
-blocked on the iterator and the copy are the data wait. Alone: the same jitted step on one
-batch already on the devices (what `benchmarks/train_step.py` times). Each round times
-`--steps` steps of each side (fed first, then alone; the state carries on), synchronised
-at the end of the round. Printed: per side the median images per second, the fed/alone
-ratio (median of per-round ratios) and the fed side's data-wait fraction. Both sides
-share the cores with nothing else; run it on a quiet machine.
+photometric steps) feeding `steps.build(...).train_step` the way `train.py` does: at most
+two steps in flight (after dispatching a step, wait for the one before it, so that a
+preemption notice acts within two steps), and the next batch is read and put on the devices
+while the step just dispatched runs; the seconds blocked on the iterator and the copy are
+the data wait. Fed, unbounded: the same without the wait for the previous step (the loop
+before 2026-12-02, whose host ran up to log_every steps ahead of the device). Alone: the
+same jitted step on one batch already on the devices (what `benchmarks/train_step.py`
+times). Each round times `--steps` steps of each side in turn (the state carries on),
+synchronised at the end of the side. Printed: per side the median images per second, the
+fed/alone ratios (medians of per-round ratios) and the fed sides' data-wait fractions.
+The sides share the cores with nothing else; run it on a quiet machine.
 """
 import statistics
 import time
@@ -50,12 +53,15 @@ def main(argv):
     state = programs.init(np.int32(config.seed))
     fixed = sharding_lib.to_global_batch(next(data_iter), mesh)
 
-    def fed(state):
+    def fed(state, bounded=True):
       read = copy = 0.0
-      batch = fixed
+      batch, previous = fixed, None
       start = time.perf_counter()
       for _ in range(_STEPS.value):
         state, metrics = programs.train_step(state, batch)
+        if bounded and previous is not None:
+          jax.block_until_ready(previous['train/loss'])   # as train.py: two steps in flight
+        previous = metrics
         t0 = time.perf_counter()
         host = next(data_iter)                                    # overlaps the step
         t1 = time.perf_counter()
@@ -71,28 +77,31 @@ def main(argv):
       jax.block_until_ready(metrics)
       return state, time.perf_counter() - start, (0.0, 0.0)
 
-    state, *_ = fed(state)       # warm-up: compile, fill Grain's prefetch buffer
-    state, *_ = alone(state)
-    rows = {'fed': [], 'alone': []}
+    sides = (('fed', fed), ('fed, unbounded', lambda s: fed(s, bounded=False)),
+             ('alone', alone))
+    for _, side in sides:        # warm-up: compile, fill Grain's prefetch buffer
+      state, *_ = side(state)
+    rows = {name: [] for name, _ in sides}
     for r in range(_ROUNDS.value):
-      for name, side in (('fed', fed), ('alone', alone)):
+      for name, side in sides:
         state, seconds, (read, copy) = side(state)
         rows[name].append((images / seconds, (read + copy) / seconds, read / seconds))
-      print(f'round {r}: fed {rows["fed"][-1][0]:.1f} images/s (data wait '
-            f'{rows["fed"][-1][1]:.1%}, of which the iterator {rows["fed"][-1][2]:.1%}), '
-            f'alone {rows["alone"][-1][0]:.1f} images/s', flush=True)
+      print(f'round {r}: ' + ', '.join(
+          f'{name} {rows[name][-1][0]:.1f} images/s' + (
+              f' (data wait {rows[name][-1][1]:.1%}, of which the iterator '
+              f'{rows[name][-1][2]:.1%})' if name != 'alone' else '') for name, _ in sides),
+          flush=True)
 
-  fed_ips = statistics.median(x for x, *_ in rows['fed'])
-  alone_ips = statistics.median(x for x, *_ in rows['alone'])
-  ratio = statistics.median(f[0] / a[0] for f, a in zip(rows['fed'], rows['alone']))
-  wait = statistics.median(w for _, w, _ in rows['fed'])
-  read = statistics.median(r for *_, r in rows['fed'])
+  median = lambda name, i: statistics.median(row[i] for row in rows[name])
+  ratio = lambda name: statistics.median(f[0] / a[0] for f, a in zip(rows[name], rows['alone']))
   print(f'\n{_STEPS.value} steps of {config.batch_size} images per side and round, '
         f'{_ROUNDS.value} rounds (medians):')
-  print(f'  step fed by the pipeline: {fed_ips:.1f} images/s, data wait {wait:.1%} '
-        f'(the iterator {read:.1%}, the rest the copy to the devices)')
-  print(f'  step alone (fixed batch): {alone_ips:.1f} images/s')
-  print(f'  fed / alone: {ratio:.3f}')
+  for name in ('fed', 'fed, unbounded'):
+    print(f'  step {name} by the pipeline: {median(name, 0):.1f} images/s, data wait '
+          f'{median(name, 1):.1%} (the iterator {median(name, 2):.1%}, the rest the copy)')
+  print(f'  step alone (fixed batch): {median("alone", 0):.1f} images/s')
+  print(f'  fed / alone: {ratio("fed"):.3f} (two steps in flight, as train.py); '
+        f'fed, unbounded / alone: {ratio("fed, unbounded"):.3f}')
 
 
 if __name__ == '__main__':

@@ -66,9 +66,14 @@ KEYS: dict[str, tuple[bool, str]] = {
     'data.global_scale': (REQUIRED, '(min, max) area fraction of global crops'),
     'data.local_scale': (REQUIRED, '(min, max) area fraction of local crops'),
     'data.eval_crop_fraction': (OPTIONAL, 'centre-crop fraction at evaluation [1.0]'),
-    'data.num_threads': (OPTIONAL, 'Grain read threads [2]'),
+    'data.num_threads': (OPTIONAL, "Grain read threads per reader (each worker process, or "
+                                   "this process): 'auto' (from the CPU cores this process may "
+                                   "use; lejepa_jax/data/host_resources.py) or N, capped at "
+                                   "those cores [2]"),
     'data.prefetch': (OPTIONAL, 'Grain prefetch buffer [4]'),
-    'data.num_workers': (OPTIONAL, 'Grain worker processes [0: none]'),
+    'data.num_workers': (OPTIONAL, "Grain worker processes of each training process: 'auto' "
+                                   "(this process's cores - 1, none below 4 cores) or N, "
+                                   "capped at those cores [0: none]"),
     'data.augment.flip_prob': (REQUIRED, 'horizontal flip probability'),
     'data.augment.jitter_prob': (REQUIRED, 'colour jitter probability'),
     'data.augment.brightness': (REQUIRED, 'colour jitter strength'),
@@ -106,14 +111,17 @@ KEYS: dict[str, tuple[bool, str]] = {
     'optim.probe_weight_decay': (REQUIRED, 'weight decay of the online probe'),
     # evaluation
     'eval.batch_size': (REQUIRED, 'feature-extraction batch; divisible like batch_size'),
-    'eval.max_examples': (OPTIONAL, 'cap per split [0: the full splits]'),
+    'eval.max_examples': (OPTIONAL, 'cap per split: that many images drawn with `seed`, '
+                                    'stratified by class where the labels are known without '
+                                    'decoding (folders, Fashion-MNIST) [0: the full splits]'),
     'eval.features': (OPTIONAL, "what the evaluators see: 'probe' (CLS of the last two blocks), "
                                 "'embedding' (final CLS) or 'projection' (projector output) "
                                 "[probe]"),
     # embedding diagnostics (lejepa_jax/diagnostics.py) and plots
     'diagnostics.every': (OPTIONAL, 'steps between embedding diagnostics (RankMe, spectrum, '
                                     'SIGReg of the backbone, variances) [0: off]'),
-    'diagnostics.num_images': (OPTIONAL, 'the first N test images, a fixed batch [512]'),
+    'diagnostics.num_images': (OPTIONAL, 'N test images drawn with `seed` (stratified like '
+                                         'eval.max_examples), a fixed batch [512]'),
     'diagnostics.min_rank_fraction': (OPTIONAL, 'collapse warning below this x max RankMe [0.1]'),
     'diagnostics.min_proj_var': (OPTIONAL, 'collapse warning below this projector variance [0.1]'),
     'diagnostics.plots': (OPTIONAL, 'PNG plots into WORKDIR/plots/ at the end [True]'),

@@ -29,14 +29,13 @@ of the projector output (prefix 'proj_') of a fixed batch of eval images, and
 """
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
 
 from lejepa_jax import sharding as sharding_lib
 from lejepa_jax import sigreg as sigreg_lib
-from lejepa_jax.data.sources import Head
+from lejepa_jax.data import sources
 
 RANKME_EPS = 1e-7          # the paper's epsilon
 
@@ -186,7 +185,10 @@ def collapse_warning(scalars: dict, dims: dict, *, min_rank_fraction: float = MI
 
 class Monitor:
   """The run's diagnostics: every `diagnostics.every` steps, the stats of a fixed batch of
-  the first `diagnostics.num_images` test images, with the same slices every time.
+  `diagnostics.num_images` test images, with the same slices every time. The images are
+  drawn with config.seed (`sources.sample`: stratified by class where the source knows its
+  labels, so a test split stored in class order gives every class), the same on every
+  process and in a resumed run.
 
   `__call__(step, variables)` returns ({'diag/...': host scalar}, host arrays, warning or
   None); the loop logs the scalars, keeps the arrays for the plots and logs the warning.
@@ -201,14 +203,16 @@ class Monitor:
     if not self.every:
       return
     n = min(int(d.get('num_images', 512)), len(source))
-    dp, processes = sharding_lib.data_parallel_size(programs.mesh), jax.process_count()
-    n -= n % int(math.lcm(dp, processes))       # a global batch must split evenly
+    dp = sharding_lib.data_parallel_size(programs.mesh)
+    feed = sharding_lib.batch_feed(programs.mesh)   # its block count divides dp
+    n -= n % dp       # a global batch must split evenly (the same n on any process count)
     if n < 2:
       raise ValueError(f'diagnostics.num_images={d.get("num_images")}: need at least '
-                       f'{math.lcm(dp, processes)} images (the data-parallel devices)')
+                       f'{dp} images (the data-parallel devices)')
+    images = sources.sample(source, n, seed=config.seed)   # every class of a class-ordered split
     batch = next(iter(pipeline.eval_batches(
-        Head(source, n), config.data, local_batch_size=n // processes,
-        process_index=jax.process_index(), process_count=processes)))
+        images, config.data, local_batch_size=n // feed.count,
+        process_index=feed.index, process_count=feed.count)))
     self.images = sharding_lib.to_global_batch(batch, programs.mesh)['image']
     self.key = jax.random.key(config.seed)
     self.dims = max_ranks(programs.model, n)

@@ -1,19 +1,22 @@
-"""Preemption notices: "checkpoint and exit 0" at one step that every host agrees on.
+"""Preemption notices: "checkpoint and exit 0" at one point that every host agrees on.
 
-`Watcher.reached(step)` is called once per training step on every process and is True
-at the same step everywhere once a notice came in:
+`Watcher.poll()` is called at every training step and between the batches and
+evaluators of an evaluation, on every process in the same order, and returns True at
+the same call everywhere once a notice came in:
 
 - JAX's preemption service, when it runs: `jax.distributed.initialize` starts it by
   default (TPU pods, SLURM, --coordinator_address). It takes SIGTERM (and a TPU
-  maintenance notice) on any host, agrees on the step max(hosts' steps) + 1, and
-  `multihost_utils.reached_preemption_sync_point(step)` turns True there on all hosts.
-- Otherwise a SIGTERM handler sets a flag. One process reads it every step; several
-  processes (service disabled) OR it across processes with an all-gather at steps that
-  are multiples of `check_every`, so they all stop at the same one.
+  maintenance notice) on any host, agrees on the sync point max(hosts' counters) + 1,
+  and `multihost_utils.reached_preemption_sync_point(n)` turns True there on all
+  hosts. The counter is the number of polls, which every host makes in the same order.
+- Otherwise a SIGTERM handler sets a flag. One process reads it at every poll; several
+  processes (service disabled) OR it across processes with an all-gather every
+  `check_every` polls, so they all stop at the same one.
 
-No per-step host-device synchronisation either way. The training loop then saves,
-waits for the save and raises `Preempted`, a SystemExit with code 0, so that
-`python -m lejepa_jax.main` exits 0 and a rerun on the workdir resumes.
+No host-device synchronisation here; the training loop keeps at most two steps in
+flight, so a notice acts within about two steps. The loop then saves, waits for the
+save and raises `Preempted`, a SystemExit with code 0, so that `python -m
+lejepa_jax.main` exits 0 and a rerun on the workdir resumes.
 """
 from __future__ import annotations
 
@@ -38,15 +41,15 @@ class Preempted(SystemExit):
     return self.message
 
 
+class NoticeDuringEvaluation(Exception):
+  """A notice came in while an evaluation ran: the evaluation is abandoned, the loop saves
+  the step's checkpoint and raises Preempted."""
+
+
 def _jax_service_running() -> bool:
   """True when jax.distributed runs a preemption sync manager (it owns SIGTERM then)."""
-  try:
-    from jax._src import distributed  # the public API exposes no "is it on?" query
-  except ImportError:
-    return False
-  state = getattr(distributed, 'global_state', None)
-  return (getattr(state, 'client', None) is not None and
-          getattr(state, 'preemption_sync_manager', None) is not None)
+  return (jax.distributed.is_initialized() and jax.process_count() > 1 and
+          bool(jax.config.jax_enable_preemption_service))
 
 
 class Watcher:
@@ -57,6 +60,7 @@ class Watcher:
     self.source = None         # 'jax preemption service' | 'SIGTERM' | None (no notice source)
     self._flag = False
     self._previous = None
+    self._polls = 0
 
   def __enter__(self) -> Watcher:
     if _jax_service_running():
@@ -77,15 +81,17 @@ class Watcher:
 
   def _on_sigterm(self, signum, frame) -> None:
     del signum, frame
-    self._flag = True     # acted on at the next step boundary
+    self._flag = True     # acted on at the next poll
 
-  def reached(self, step: int) -> bool:
-    """Whether to checkpoint and exit after `step` (call at every step, on every process)."""
+  def poll(self) -> bool:
+    """Whether to checkpoint and exit now. Every process must make the same polls in the
+    same order (one per training step, and the same ones during an evaluation)."""
+    self._polls += 1
     if self.source == 'jax preemption service':
-      return multihost_utils.reached_preemption_sync_point(step)
+      return multihost_utils.reached_preemption_sync_point(self._polls)
     if jax.process_count() == 1:
       return self._flag
-    if step % self.check_every:
+    if self._polls % self.check_every:
       return False
     flags = multihost_utils.process_allgather(np.int32(self._flag))
     return bool(np.any(flags))

@@ -31,6 +31,7 @@ from lejepa_jax import sharding as sharding_lib
 from lejepa_jax import sigreg
 from lejepa_jax import stats
 from lejepa_jax import steps
+from lejepa_jax.data import host_resources
 from lejepa_jax.data import pipeline
 from lejepa_jax.data import sources
 from lejepa_jax.evaluators import suite
@@ -118,6 +119,7 @@ def validate(config) -> None:
     problems.append('nonfinite_max_skips must be >= 1')
   if d.get('verify_images', 'auto') not in sources.VERIFY_MODES:
     problems.append(f'data.verify_images={d.verify_images!r}: one of {sources.VERIFY_MODES}')
+  problems.extend(host_resources.problems(d))
   if problems:
     raise ConfigError('bad config: ' + '; '.join(problems))
 
@@ -182,20 +184,24 @@ class _FiniteGuard:
 _INTERNAL_METRICS = ('train/finite', 'train/grads_finite', 'train/nonfinite_streak')
 
 
-def _train(config, programs, mesh, data_iter, steps_total, mngr, writer, notice, runner,
+def _train(config, programs, mesh, open_stream, steps_total, mngr, writer, notice, runner,
            monitor, workdir):
   """Restores (or initialises) the state and trains to steps_total; returns the state.
 
-  The only host-device synchronisation is at logging, checkpoint and evaluation steps,
-  where the metrics of every step since the last one are read at once (non-finite checks
-  included). Between those, the next batch is read and put on the devices while the
-  step just dispatched runs (JAX dispatches asynchronously); the time spent blocked on
-  the iterator and the host-to-device copy is logged as train/data_wait_fraction.
+  Host and device synchronise at logging, checkpoint and evaluation steps, where the
+  metrics of every step since the last one are read at once (non-finite checks
+  included), and at most two steps are in flight: after dispatching step s the loop
+  waits for step s - 1 to finish, then reads the next batch and puts it on the devices
+  while step s runs. So a preemption notice is acted on within about two steps (the host
+  never runs ahead by a whole log interval), at no cost in throughput: the device always
+  has the next step queued. The time spent blocked on the iterator and the
+  host-to-device copy is logged as train/data_wait_fraction.
   """
   # Restore straight into the target shardings; initialise only when there is nothing to resume.
-  state, start = ckpt_lib.restore_latest(mngr, programs.abstract_state, data_iter)
+  state, start, position = ckpt_lib.restore_latest(mngr, programs.abstract_state)
   if state is None:
     state = programs.init(np.int32(config.seed))
+  data_iter, next_batch_index = open_stream(start, position)
   writer.resume(start)     # drops metric lines past `start`: this run logs those steps again
   n_params = sum(x.size for x in jax.tree.leaves(state.params['encoder']))
   logging.info('encoder parameters: %.2fM; %d steps of %d images', n_params / 1e6,
@@ -205,18 +211,42 @@ def _train(config, programs, mesh, data_iter, steps_total, mngr, writer, notice,
   guard = _FiniteGuard(config, mngr)
   eval_specs = suite.specs(config)
 
+  first_batch_index = next_batch_index
+
   def next_batch():
+    nonlocal next_batch_index
     t = time.perf_counter()
-    batch = sharding_lib.to_global_batch(next(data_iter), mesh)
+    local = next(data_iter)
+    if next_batch_index == first_batch_index:
+      sharding_lib.check_replicas_agree(local, mesh)    # once: replicas read the same rows
+    batch = sharding_lib.to_global_batch(local, mesh)
+    next_batch_index += 1
     progress.waited(time.perf_counter() - t)
     return batch
+
+  def save(step):   # before the next batch is read: the position matches the state
+    ckpt_lib.save(mngr, step, state, {'next_batch': next_batch_index,
+                                      'global_batch_size': config.batch_size})
+
+  def stop(step, saved, during=''):
+    if not saved:
+      save(step)
+    mngr.wait_until_finished()
+    message = (f'[lejepa_jax] preemption notice ({notice.source}){during}: saved the checkpoint '
+               f'of step {step} to {ckpt_lib.step_path(mngr, step)}; exiting with status 0. '
+               'Rerun the same command to resume.')
+    logging.warning('%s', message)
+    print(message, flush=True)
+    raise preemption.Preempted(step, message)
 
   pending = []       # (step, device metrics) not read yet
   batch = next_batch() if start < steps_total else None
   for step in range(start + 1, steps_total + 1):
     state, step_metrics = programs.train_step(state, batch)
+    if pending:        # at most two steps in flight (see the docstring)
+      jax.block_until_ready(pending[-1][1]['train/loss'])
     pending.append((step, step_metrics))
-    preempted = notice.reached(step)
+    preempted = notice.poll()
     log_now = step % config.log_every == 0 or step == steps_total
     save_now = step % config.checkpoint_every == 0 or step == steps_total or preempted
     evals_now = suite.due(eval_specs, step) if step < steps_total else []
@@ -248,19 +278,16 @@ def _train(config, programs, mesh, data_iter, steps_total, mngr, writer, notice,
       metrics_lib.log_line(step, steps_total, {k: scalars[k] for k in (
           'train/loss', 'train/inv', 'train/sigreg', 'train/probe_top1',
           'train/images_per_sec', 'train/data_wait_fraction')}, speed['eta_sec'])
-    if save_now:     # before the next batch is read: the saved iterator matches the state
-      ckpt_lib.save(mngr, step, state, data_iter)
+    if save_now:
+      save(step)
     if preempted:
-      mngr.wait_until_finished()
-      message = (f'[lejepa_jax] preemption notice ({notice.source}): saved the checkpoint of '
-                 f'step {step} to {ckpt_lib.step_path(mngr, step)}; exiting with status 0. '
-                 'Rerun the same command to resume.')
-      logging.warning('%s', message)
-      print(message, flush=True)
-      raise preemption.Preempted(step, message)
+      stop(step, saved=True)
     if evals_now:
       with progress.paused():  # evaluation time is not training time
-        results = runner(steps.variables(state), evals_now)
+        try:
+          results = runner(steps.variables(state), evals_now, should_stop=notice.poll)
+        except preemption.NoticeDuringEvaluation:
+          stop(step, saved=save_now, during=' during the evaluation at this step (abandoned)')
         writer.write(step, results)
         _log_results(step, results)
     if step < steps_total:
@@ -274,6 +301,25 @@ def _log_results(step: int, results: dict) -> None:
   shown = '  '.join(f'{k[len("eval/"):]}={v:.4f}' for k, v in results.items()
                     if not k.endswith('_std') and not k.endswith('_lr'))
   logging.info('step %d evaluation: %s', step, shown)
+
+
+def _resume_batch(config, step: int, position: dict | None) -> int:
+  """The global batch a run resumed after `step` reads first.
+
+  From the checkpoint's position (any process count). A checkpoint without one resumes
+  at `step` (one batch per step). If batch_size changed since the save, the stream goes
+  on at the first whole new batch after the records already seen.
+  """
+  if position is None:
+    return step
+  saved_batch = position.get('global_batch_size', config.batch_size)
+  if saved_batch == config.batch_size:
+    return position['next_batch']
+  records = position['next_batch'] * saved_batch
+  logging.warning('batch_size changed from %d (checkpoint) to %d: the data stream resumes at '
+                  'record %d of its global order', saved_batch, config.batch_size,
+                  -(-records // config.batch_size) * config.batch_size)
+  return -(-records // config.batch_size)
 
 
 def _check_divisible(config, dp: int, processes: int) -> None:
@@ -323,19 +369,29 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
   if workdir.exists() and not workdir.is_dir():
     raise ConfigError(f'--workdir={workdir} is a file, not a directory: pass a directory')
   mesh = sharding_lib.make_mesh(config.get('mesh'), devices)
+  try:
+    feed = sharding_lib.batch_feed(mesh)
+  except sharding_lib.MeshFeedError as e:
+    raise ConfigError(f'bad config: mesh={dict(config.get("mesh") or {})}: {e}') from None
   dp = sharding_lib.data_parallel_size(mesh)
   _check_divisible(config, dp, jax.process_count())
-  logging.info('mesh %s over %d devices, %d processes', dict(mesh.shape), mesh.devices.size,
-               jax.process_count())
+  logging.info('mesh %s over %d devices, %d processes (%s); this process reads batch block '
+               '%d of %d%s', dict(mesh.shape), mesh.devices.size, jax.process_count(),
+               sharding_lib.describe_devices(mesh), feed.index, feed.count,
+               f', shared with {feed.replicas - 1} replica process(es)' if feed.replicas > 1 else '')
   train_source = sources.get_source(config.data, config.data.train_split)
   test_source = sources.get_source(config.data, config.data.test_split)
   _check_data(config, train_source, test_source)
   steps_total = total_steps(config, len(train_source))
-  dataset = pipeline.train_dataset(
-      train_source, config.data, seed=config.seed,
-      local_batch_size=config.batch_size // jax.process_count(),
-      process_index=jax.process_index(), process_count=jax.process_count())
-  data_iter = iter(dataset)
+
+  def open_stream(step: int, position: dict | None):
+    """(iterator of this process's training batches, index of its next global batch)."""
+    next_batch = _resume_batch(config, step, position)
+    dataset = pipeline.train_dataset(
+        train_source, config.data, seed=config.seed,
+        local_batch_size=config.batch_size // feed.count,
+        process_index=feed.index, process_count=feed.count, start_batch=next_batch)
+    return iter(dataset), next_batch
 
   programs = steps.build(config, mesh, steps_total)
   if jax.process_index() == 0:
@@ -348,9 +404,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
   runner = suite.Runner(config, programs, train_source=train_source, test_source=test_source)
   with sharding_lib.activate(mesh):
     monitor = diagnostics.Monitor(config, programs, test_source)
-    with preemption.Watcher(config.log_every) as notice:
+    with preemption.Watcher() as notice:
       try:
-        state = _train(config, programs, mesh, data_iter, steps_total, mngr, writer, notice,
+        state = _train(config, programs, mesh, open_stream, steps_total, mngr, writer, notice,
                        runner, monitor, workdir)
       except BaseException:
         # Preempted, non-finite, interrupted...: an in-flight save still completes (and is

@@ -305,6 +305,27 @@ def test_workers_and_threads_give_the_same_batches_and_resume():
   _assert_batches_equal([next(it2) for _ in range(3)], ref[5:])
 
 
+@pytest.mark.parametrize('saved_on,resumed_on', [(2, 1), (1, 2), (2, 2)])
+def test_a_stream_started_at_a_global_batch_continues_any_process_count(saved_on, resumed_on):
+  """What a resumed run reads (start_batch = the checkpoint's next_batch) is what the
+  uninterrupted run read after that many batches, on any process count, workers included."""
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()
+  src, global_batch, start = _source(n=20), 8, 4      # batch 4 straddles an epoch end
+
+  def stream(count, first, cfg=_data_config()):
+    per_process = [_take(pipeline.train_dataset(
+        src, cfg, seed=3, local_batch_size=global_batch // count, process_index=p,
+        process_count=count, start_batch=first), 6 - first) for p in range(count)]
+    return _concat(per_process)
+
+  uninterrupted = stream(saved_on, 0)
+  _assert_batches_equal(stream(resumed_on, start), uninterrupted[start:])
+  if (saved_on, resumed_on) == (2, 1):     # Grain worker processes too (slow to start: once)
+    _assert_batches_equal(stream(resumed_on, start, _data_config(num_workers=2)),
+                          uninterrupted[start:])
+
+
 def test_train_dataset_rejects_a_source_smaller_than_one_global_batch():
   with pytest.raises(ValueError, match=r'10 records is smaller than one global batch of 12 '
                                        r'\(2 processes x 6\)'):

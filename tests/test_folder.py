@@ -153,11 +153,12 @@ def test_mixed_sizes_feed_the_training_and_evaluation_pipelines(tmp_path):
   np.testing.assert_allclose(evals[1]['image'][3], augment.eval_view(src[11]['image'], 28, spec),
                              atol=0)
   # An evaluation cap (eval.max_examples) keeps the records lazy: no np.stack of mixed sizes.
-  head = sources.Head(src, 10)
-  assert len(head) == 10 and head[9]['image'].shape == src[9]['image'].shape
+  capped = sources.sample(src, 10, seed=0)
+  last = int(capped.indices[9])
+  assert len(capped) == 10 and capped[9]['image'].shape == src[last]['image'].shape
   with pytest.raises(IndexError):
-    head[10]
-  evals = list(pipeline.eval_batches(head, c.data, local_batch_size=8))
+    capped[10]
+  evals = list(pipeline.eval_batches(capped, c.data, local_batch_size=8))
   assert len(evals) == 2 and evals[1]['mask'].tolist() == [1, 1] + [0] * 6
 
 

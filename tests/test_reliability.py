@@ -183,6 +183,85 @@ def _config(**overrides):
   return c
 
 
+# ---------------------------------------------------------------- 1b. notice latency
+
+def _signal_from_the_device(monkeypatch, program, when):
+  """Wraps `steps.Programs.<program>` so that, as each call's result is computed ON THE
+  DEVICE, the call number n is recorded and SIGTERM is sent to this process when
+  when(n) holds: the notice arrives exactly while the device works through call n."""
+  import dataclasses
+  import jax.numpy as jnp
+  from jax.experimental import io_callback
+  from lejepa_jax import steps
+  done = []
+
+  def on_device(n):
+    done.append(int(n))
+    if when(int(n)):
+      os.kill(os.getpid(), signal.SIGTERM)
+    return np.int32(0)
+
+  @jax.jit
+  def mark(x, n):
+    tick = io_callback(on_device, jax.ShapeDtypeStruct((), jnp.int32), n)
+    return x + tick.astype(x.dtype)      # x unchanged, but available only after the callback
+
+  original_build = steps.build
+
+  def build(*args, **kwargs):
+    programs = original_build(*args, **kwargs)
+    fn, calls = getattr(programs, program), [0]
+
+    def wrapped(*a):
+      calls[0] += 1
+      out = fn(*a)
+      if program == 'train_step':
+        state, metrics = out
+        return state, dict(metrics, **{'train/loss': mark(metrics['train/loss'], calls[0])})
+      return mark(out, calls[0])
+    return dataclasses.replace(programs, **{program: wrapped})
+
+  monkeypatch.setattr(steps, 'build', build)
+  return done
+
+
+def test_sigterm_during_slow_steps_checkpoints_within_two_steps(tmp_path, monkeypatch,
+                                                                no_final_eval):
+  """Slow steps (a wide model), logging and checkpoints far apart: the host must not run
+  ahead of the device, or the notice would be acted on dozens of steps late."""
+  notice_at = 3
+  done = _signal_from_the_device(monkeypatch, 'train_step', lambda n: n == notice_at)
+  workdir = str(tmp_path / 'run')
+  c = _config(total_steps=60, checkpoint_every=1000, log_every=1000)
+  c.evals.knn_curve.every = 0                     # no evaluation (a sync point) on the way
+  c.model.width, c.model.mlp_dim, c.model.depth, c.model.num_heads = 384, 1536, 4, 4
+  with pytest.raises(SystemExit) as e:    # one device: the CPU dispatches it fully asynchronously
+    train.train_and_evaluate(c, workdir, devices=jax.devices()[:1])
+  assert e.value.code == 0
+  saved = _finalized_steps(workdir)
+  assert len(saved) == 1 and notice_at <= saved[0] <= notice_at + 2, (saved, done)
+  assert max(done) <= notice_at + 2, done       # nothing dispatched far beyond it either
+
+
+def test_sigterm_during_an_evaluation_abandons_it_saves_and_exits_0(tmp_path, monkeypatch):
+  """An intermediate evaluation (k-NN on 10,000 images every 4 steps) gets the notice in its
+  first feature batch: it stops there, the step's checkpoint is written, exit 0; the rerun
+  resumes from it."""
+  done = _signal_from_the_device(monkeypatch, 'features', lambda n: n == 1)
+  workdir = str(tmp_path / 'run')
+  c = _config(total_steps=8, checkpoint_every=1000, log_every=1000)
+  c.evals = {'knn': dict(type='knn', every=4, max_examples=10_000, k=5, ks=(5,),
+                         temperature=0.07)}
+  with pytest.raises(SystemExit) as e:
+    train.train_and_evaluate(c, workdir, devices=jax.devices()[:1])
+  assert e.value.code == 0
+  assert _finalized_steps(workdir) == [4]
+  batches = -(-10_000 // c.eval.batch_size)
+  assert len(done) <= 3 < batches, (done, batches)    # abandoned after a batch or two
+  lines = _metric_lines(workdir) if os.path.exists(os.path.join(workdir, 'metrics.jsonl')) else []
+  assert not any('eval/knn_top1' in l for l in lines)
+
+
 # ---------------------------------------------------------------- 2. another mesh
 
 @pytest.fixture(scope='module')
@@ -227,6 +306,44 @@ def two_checkpoints(tmp_path_factory):
     train.train_and_evaluate(_config(total_steps=6, checkpoint_every=3), workdir)
   assert _finalized_steps(workdir) == [3, 6]
   return workdir, _state(workdir, 6)
+
+
+def _make_legacy(step_dir, files):
+  """Rewrites a checkpoint into the layout of earlier versions: Grain's iterator state, one
+  `process_I-of-N.json` per process, instead of the one data_position file."""
+  shutil.rmtree(os.path.join(step_dir, 'data_position'))
+  os.makedirs(os.path.join(step_dir, 'data'))
+  step = int(os.path.basename(step_dir))
+  for name in files:
+    with open(os.path.join(step_dir, 'data', name), 'w') as f:
+      json.dump({'next_index': step}, f, indent=4)
+  meta_path = os.path.join(step_dir, '_CHECKPOINT_METADATA')
+  meta = json.load(open(meta_path))
+  handlers = meta['item_handlers']
+  handlers.pop('data_position')
+  handlers['data'] = 'grain._src.python.checkpoint.handler.CheckpointHandler'
+  json.dump(meta, open(meta_path, 'w'))
+
+
+@pytest.mark.parametrize('files', [['process_0-of-1.json'],
+                                   ['process_0-of-2.json', 'process_1-of-2.json']])
+def test_checkpoints_of_earlier_versions_resume_exactly(tmp_path, two_checkpoints, no_final_eval,
+                                                        files):
+  """Per-process Grain iterator files (saved on 1 or on 2 processes) resume on 1 process."""
+  source, _ = two_checkpoints
+  reference = _train_lines(_metric_lines(source))
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(source, workdir)
+  os.remove(os.path.join(workdir, 'metrics.jsonl'))
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '6'))
+  _make_legacy(os.path.join(workdir, 'checkpoints', '3'), files)
+  train.train_and_evaluate(_config(total_steps=6, checkpoint_every=3), workdir)
+  resumed = _train_lines(_metric_lines(workdir))
+  assert sorted(resumed) == [4, 5, 6]
+  for step in (4, 5, 6):
+    assert resumed[step] == reference[step], step
+  assert json.load(open(os.path.join(workdir, 'checkpoints', '6', 'data_position', 'metadata'))
+                   ) == {'next_batch': 6, 'global_batch_size': 32}
 
 
 def _largest_file(directory):
@@ -283,20 +400,17 @@ def test_no_readable_checkpoint_stops_and_deletes_nothing(tmp_path, two_checkpoi
 
 def test_manager_keeps_the_newest_and_every_keep_every_step(tmp_path):
   mngr = ckpt_lib.manager(tmp_path, max_to_keep=2, keep_every=4)
-  data = iter(grain.MapDataset.range(100).batch(2).to_iter_dataset())
   state = {'w': jax.numpy.arange(8.0)}
   for step in range(1, 11):
-    next(data)
-    ckpt_lib.save(mngr, step, jax.tree.map(lambda x: x + step, state), data)
+    ckpt_lib.save(mngr, step, jax.tree.map(lambda x: x + step, state),
+                  {'next_batch': step, 'global_batch_size': 2})
   mngr.wait_until_finished()
   assert _finalized_steps(str(tmp_path)) == [4, 8, 9, 10]
   assert not [d for d in os.listdir(tmp_path / 'checkpoints') if not d.isdigit()]  # no tmp dirs
-  for _ in range(5):
-    next(data)                                              # moves on past the checkpoint
   target = {'w': jax.ShapeDtypeStruct((8,), np.float32, sharding=state['w'].sharding)}
-  restored, step = ckpt_lib.restore_latest(mngr, target, data)
+  restored, step, position = ckpt_lib.restore_latest(mngr, target)
   assert step == 10 and np.array_equal(restored['w'], np.arange(8.0) + 10)
-  assert next(data).tolist() == [20, 21]                    # the iterator was rewound too
+  assert position == {'next_batch': 10, 'global_batch_size': 2}   # the data stream's too
   mngr.close()
 
 

@@ -4,14 +4,16 @@ Both read ONE global order of records that does not depend on the number of
 processes: a global batch is G = process_count * local_batch_size consecutive
 records of it, and process p takes rows [p*L, (p+1)*L) of every global batch.
 So the concatenation of all processes' batches at a step is exactly the batch
-one process would read with local_batch_size G.
+one process would read with local_batch_size G. Here "process" means a block of the
+batch (`sharding.batch_feed`): processes that hold the same rows of the mesh (replicas
+along 'tensor') pass the same block index and read identical records.
 
 Training: source -> shuffle (reshuffled every epoch) -> repeat -> multi-crop
 random_map keyed on the global position (uint8 crops and the views' random draws)
 -> batch(L) -> every process_count-th batch from process_index -> the photometric
-steps on the whole batch (float32 views). The iterator is a Grain DatasetIterator whose state
-(a position, a few bytes) is checkpointed with the train state, so a resumed
-run sees exactly the batches it would have seen.
+steps on the whole batch (float32 views). The stream starts at global batch `start_batch`: the
+checkpoint stores that position once (not per process), so a run resumed on any
+number of processes sees exactly the batches it would have seen.
 
 Evaluation: records in source order, each once, the last global batch padded
 with zeros (mask 0); every process yields ceil(N / G) batches.
@@ -25,6 +27,7 @@ import grain
 import numpy as np
 
 from lejepa_jax.data import augment
+from lejepa_jax.data import host_resources
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +95,14 @@ def multi_crop(data_config) -> MultiCrop:
 
 
 def train_dataset(source, data_config, *, seed: int, local_batch_size: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """Infinite multi-crop batches: this process's rows of each global batch."""
+                  process_index: int = 0, process_count: int = 1,
+                  start_batch: int = 0) -> grain.IterDataset:
+  """Infinite multi-crop batches: this process's rows of each global batch from `start_batch` on.
+
+  process_index / process_count: this process's block of the batch and the number of
+  blocks (`sharding.batch_feed(mesh)`: the process index and count unless replicas along
+  'tensor' span processes).
+  """
   global_batch = process_count * local_batch_size
   if len(source) < global_batch:
     raise ValueError(f'data set of {len(source)} records is smaller than one global batch of '
@@ -111,12 +120,15 @@ def train_dataset(source, data_config, *, seed: int, local_batch_size: int,
   ds = ds.random_map(multi_crop(data_config))
   # Lazy on the MapDataset: this process only reads and augments its own batches.
   ds = ds.batch(local_batch_size, drop_remainder=True)[process_index::process_count]
+  if start_batch:
+    ds = ds[start_batch:]    # a resumed run: the global position, the same for any process count
   # Photometric steps vectorised over the batch (augment.py: NumPy overhead once per batch).
   ds = ds.map(FinishViews(augment_spec(data_config)))
-  read = grain.ReadOptions(num_threads=data_config.get('num_threads', 2),
+  # 'auto' or capped at this process's cores (host_resources: one process per GPU shares a node).
+  threads, workers = host_resources.grain_options(data_config)
+  read = grain.ReadOptions(num_threads=threads,
                            prefetch_buffer_size=data_config.get('prefetch', 4))
   ds = ds.to_iter_dataset(read)
-  workers = data_config.get('num_workers', 0)
   if workers:
     # Workers take batches w::workers of this stream and interleave them back in order.
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
@@ -170,5 +182,5 @@ def eval_batches(source, data_config, *, local_batch_size: int, process_index: i
   # Lazy: only this process's records are read and preprocessed, by Grain threads.
   ds = grain.MapDataset.range(num_batches * local_batch_size).map(slot)
   ds = ds.batch(local_batch_size, drop_remainder=True)
-  yield from ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.get('num_threads', 2),
-                                                  prefetch_buffer_size=2))
+  threads, _ = host_resources.grain_options(data_config, worker_processes=False)
+  yield from ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2))

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lejepa_jax import preemption
 from lejepa_jax import sharding as sharding_lib
 from lejepa_jax.sharding import BATCH_AXES
 
@@ -73,13 +74,16 @@ def _writer(mesh):
   return write
 
 
-def extract(feature_fn, variables, batches, mesh, num_batches: int) -> Features:
+def extract(feature_fn, variables, batches, mesh, num_batches: int,
+            should_stop=None) -> Features:
   """Features of every record that `batches` yields, sharded over the mesh's batch axes.
 
   feature_fn(variables, images) -> (G, F) must be jitted by the caller and take
   the model variables as an argument (closing over them would bake the
   parameters into the program as constants). batches yield num_batches
   process-local {'image', 'label', 'mask'} (as `data.pipeline.eval_batches` does).
+  should_stop (optional) is called before every batch on every process; when it returns
+  True, `preemption.NoticeDuringEvaluation` is raised.
   """
   write = _writer(mesh)
   x = y = None
@@ -87,11 +91,15 @@ def extract(feature_fn, variables, batches, mesh, num_batches: int) -> Features:
   for b, local in enumerate(batches):
     if b >= num_batches:
       raise ValueError(f'extract: `batches` yielded more than num_batches={num_batches} batches')
+    if should_stop is not None and should_stop():
+      raise preemption.NoticeDuringEvaluation(f'during feature extraction, batch {b}')
     batch = sharding_lib.to_global_batch(local, mesh)
     f = feature_fn(variables, batch['image'])
     if x is None:
       x, y = _buffers(mesh, num_batches, *f.shape)()
     x, y, n = write(x, y, np.int32(b), f, batch['label'], batch['mask'])
+    if b:   # at most two batches in flight: a stop request is seen within a batch or two
+      jax.block_until_ready(count)
     count = count + n                     # stays on device: no sync per batch
     if (b + 1) % max(num_batches // 4, 1) == 0:
       logging.info('  features: %d/%d batches', b + 1, num_batches)

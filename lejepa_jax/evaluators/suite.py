@@ -8,13 +8,15 @@ config.evals maps a name to one evaluator (big_vision style):
 
 `type` is a key of TYPES; `every` > 0 also runs it every that many training steps (it
 always runs at the end of training and in `python -m lejepa_jax.evaluate`);
-`max_examples` (> 0) caps both splits for it (default: eval.max_examples); the other
-keys are the keyword options of the type's `evaluate`. Every evaluator has the same
-interface: `evaluate(train: Features, test: Features, num_classes, *, mesh, seed,
-**options) -> {'TYPE_KEY': float}`, and its results are logged as `eval/NAME_KEY`
-(so the evaluator named linear_probe writes eval/linear_probe_top1). With
-eval.features = 'embedding' or 'projection' (not the paper's probe features) the keys are
-eval/embedding/NAME_KEY or eval/projection/NAME_KEY.
+`max_examples` (> 0) caps both splits for it (default: eval.max_examples) to that many
+images drawn with config.seed (`sources.sample`: stratified by class where the source knows
+its labels, so a folder stored in class order keeps every class; the same images on every
+process and at every evaluation); the other keys are the keyword options of the type's
+`evaluate`. Every evaluator has the same interface: `evaluate(train: Features, test:
+Features, num_classes, *, mesh, seed, **options) -> {'TYPE_KEY': float}`, and its results
+are logged as `eval/NAME_KEY` (so the evaluator named linear_probe writes
+eval/linear_probe_top1). With eval.features = 'embedding' or 'projection' (not the paper's
+probe features) the keys are eval/embedding/NAME_KEY or eval/projection/NAME_KEY.
 Evaluators due at the same step with the same cap share one feature extraction.
 """
 from __future__ import annotations
@@ -24,8 +26,9 @@ import time
 from typing import Any, NamedTuple
 
 from absl import logging
-import jax
 
+from lejepa_jax import preemption
+from lejepa_jax import sharding as sharding_lib
 from lejepa_jax.data import pipeline
 from lejepa_jax.data import sources
 from lejepa_jax.evaluators import features as features_lib
@@ -141,25 +144,35 @@ class Runner:
     self._sources = {d.train_split: train_source or sources.get_source(d, d.train_split),
                      d.test_split: test_source or sources.get_source(d, d.test_split)}
 
-  def features(self, variables, cap: int):
-    """(train, test) Features of the first `cap` images of each split (0: all)."""
+  def capped(self, split: str, cap: int):
+    """The records of `split` the evaluators see: all (cap 0), or `cap` of them drawn with
+    config.seed (`sources.sample`), the same on every process and at every call."""
+    source = self._sources[split]
+    return sources.sample(source, cap, seed=self.config.seed) if cap else source
+
+  def features(self, variables, cap: int, should_stop=None):
+    """(train, test) Features of `cap` images of each split (0: all), see `capped`."""
     e, d = self.config.eval, self.config.data
+    feed = sharding_lib.batch_feed(self.programs.mesh)
     out = []
     for split in (d.train_split, d.test_split):
-      source = self._sources[split]
-      if cap:
-        source = sources.Head(source, cap)
+      source = self.capped(split, cap)
       logging.info('extracting features: %s (%d images)', split, len(source))
-      batches = pipeline.eval_batches(source, d, local_batch_size=e.batch_size // jax.process_count(),
-                                      process_index=jax.process_index(),
-                                      process_count=jax.process_count())
+      batches = pipeline.eval_batches(source, d, local_batch_size=e.batch_size // feed.count,
+                                      process_index=feed.index, process_count=feed.count)
       out.append(features_lib.extract(self.programs.features, variables, batches,
                                       self.programs.mesh,
-                                      num_batches=-(-len(source) // e.batch_size)))
+                                      num_batches=-(-len(source) // e.batch_size),
+                                      should_stop=should_stop))
     return tuple(out)
 
-  def __call__(self, variables, run_specs) -> dict:
-    """{'eval/NAME_KEY': value} of every evaluator in run_specs."""
+  def __call__(self, variables, run_specs, should_stop=None) -> dict:
+    """{'eval/NAME_KEY': value} of every evaluator in run_specs.
+
+    should_stop (optional; `preemption.Watcher.poll` during training) is called before every
+    feature batch and every evaluator, on every process alike; when it returns True the
+    evaluation is abandoned with `preemption.NoticeDuringEvaluation`.
+    """
     results, cached = {}, {}
     num_classes, mesh = self.config.data.num_classes, self.programs.mesh
     features = self.config.eval.get('features', 'probe')
@@ -168,8 +181,10 @@ class Runner:
     for spec in sorted(run_specs, key=lambda s: cap(self.config, s)):
       n = cap(self.config, spec)
       if n not in cached:
-        cached = {n: self.features(variables, n)}   # keep one set alive at a time
+        cached = {n: self.features(variables, n, should_stop)}   # one set alive at a time
       train, test = cached[n]
+      if should_stop is not None and should_stop():
+        raise preemption.NoticeDuringEvaluation(f'before evaluator {spec.name}')
       evaluate = TYPES[spec.type][0]
       t = time.perf_counter()
       out = evaluate(train, test, num_classes, mesh=mesh, seed=self.config.seed, **spec.options)
