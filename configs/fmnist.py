@@ -104,7 +104,7 @@ def get_config(arg=None):
   c.optim.probe_lr = 1e-3
   c.optim.probe_weight_decay = 1e-6
 
-  # Embedding diagnostics on the first 512 test images (diag/* in metrics.jsonl; a warning in
+  # Embedding diagnostics on 512 test images drawn with `seed` (diag/* in metrics.jsonl; a warning in
   # the log when the representation collapses) and PNG plots into WORKDIR/plots/ at the end.
   c.diagnostics = ml_collections.ConfigDict()
   c.diagnostics.every = 100
@@ -124,7 +124,7 @@ def get_config(arg=None):
   c.evals.linear_probe = dict(type='linear_probe', every=0, lrs=(1e-2, 3e-2, 1e-1), epochs=30,
                               batch_size=1024, weight_decay=1e-6)
   c.evals.knn = dict(type='knn', every=0, k=20, ks=(10, 20, 50), temperature=0.07)
-  # a cheap curve during training: k-NN on the first 10,000 images of each split
+  # a cheap curve during training: k-NN on 10,000 images of each split (drawn with `seed`)
   c.evals.knn_curve = dict(type='knn', every=500, max_examples=10_000, k=20, temperature=0.07)
   c.evals.fewshot = dict(type='fewshot', every=0, shots=(1, 5, 10, 25), seeds=3)
 

@@ -22,7 +22,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ['--config=configs/vitg.py:runlocal', '--config.total_steps=12',
-         '--config.checkpoint_every=6', '--config.log_every=1']
+         '--config.checkpoint_every=6', '--config.log_every=1', '--config.diagnostics.plots=false']
 TRAIN_KEYS = ('train/loss', 'train/inv', 'train/sigreg', 'train/probe_loss', 'train/grad_norm')
 
 pytestmark = pytest.mark.skipif(
@@ -31,6 +31,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def _env():
+  """This environment (with conftest's persistent compilation cache: a resumed run loads the
+  executables its first run compiled, as a real rerun would) without the 8 fake devices."""
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
   env['PYTHONPATH'] = ROOT
   return env
@@ -131,7 +133,7 @@ def test_tensor_axis_across_processes_equals_one_process(tmp_path):
            '--config.checkpoint_every=4', '--config.log_every=1',
            '--config.mesh.data=1', '--config.mesh.fsdp=1', '--config.mesh.tensor=4',
            '--config.model.num_heads=4', '--config.diagnostics.every=0',
-           '--config.eval.max_examples=256']
+           '--config.eval.max_examples=256', '--config.diagnostics.plots=false']
   single, multi = str(tmp_path / 'single'), str(tmp_path / 'multi')
   out_single = _launch(single, processes=1, devices_per_process=4, flags=flags)
   out_multi = _launch(multi, processes=2, devices_per_process=2, flags=flags)
