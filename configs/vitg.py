@@ -106,6 +106,9 @@ def imagenet_vit(variant: str, patch_size: int, *, epochs: float, batch_size: in
   m.num_registers = 0
   m.dtype = 'bfloat16'
   m.remat = 'dots_no_batch'
+  # Stochastic depth 0.1, as the authors' ViT runs: rbalestr-lab/lejepa MINIMAL.md builds its
+  # ViT-S/8 with timm.create_model(..., drop_path_rate=0.1) (their ImageNet scripts pass 0.1 too).
+  m.drop_path_rate = 0.1
   m.scan = True
   m.attention = ''                   # '': jax picks; 'xla' or 'cudnn' (GPU flash attention)
   m.projector_hidden = (2048, 2048)

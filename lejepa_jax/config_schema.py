@@ -94,6 +94,8 @@ KEYS: dict[str, tuple[bool, str]] = {
     'model.num_registers': (OPTIONAL, 'register tokens [0]'),
     'model.dtype': (OPTIONAL, 'activation dtype [float32]'),
     'model.remat': (OPTIONAL, 'rematerialisation policy [none]'),
+    'model.drop_path_rate': (OPTIONAL, 'stochastic depth of the last block, linear from 0 at '
+                                       'the first, per view, training only (timm) [0.0]'),
     'model.scan': (OPTIONAL, 'scan over layers [True]'),
     'model.cls_only_last': (OPTIONAL, 'unrolled ViT: the last block computes only the CLS '
                                       'tokens (nothing else reads them) [True]'),

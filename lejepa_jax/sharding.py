@@ -133,8 +133,9 @@ def feed_from_process_grid(processes: np.ndarray, axis_names=MESH_AXES,
     axis = repr(spanned[0]) if spanned else f'the batch axes {BATCH_AXES}'
     raise MeshFeedError(
         f'the mesh {dict(zip(axis_names, processes.shape))} cannot be fed correctly: {shown}. '
-        f'The {axis} axis spans processes so that they hold overlapping but different batch '
-        f'rows (replicas must read identical records, disjoint blocks distinct ones). Choose '
+        f'The {axis} axis spans processes so that they hold overlapping but different, or '
+        f'unequal, sets of batch rows (replicas must read identical records, the others '
+        f'disjoint blocks of one size). Choose '
         f'mesh sizes so that each group of processes along {axis} holds whole, equal blocks of '
         f'the batch (e.g. --config.mesh.tensor equal to the devices per process, or a multiple '
         f'of the processes it spans), or order the devices so that it does')

@@ -95,10 +95,14 @@ def train_step(state: TrainState, batch: dict, *, model, tx, config):
   key = jax.random.fold_in(state.rng, state.step)
   num_global = config.data.num_global_views
 
+  # Stochastic depth's masks: a stream of its own (the SIGReg slices keep `key` itself).
+  rngs = ({'drop_path': jax.random.fold_in(key, 1)} if model.encoder.drop_path_rate > 0
+          else None)
+
   def loss_fn(params):
     out, mutated = model.apply({'params': params, 'batch_stats': state.batch_stats},
                                batch['global'], batch['local'], train=True,
-                               mutable=['batch_stats'])
+                               mutable=['batch_stats'], rngs=rngs)
     proj = out['proj']
     loss, terms = losses.lejepa_loss(
         proj[:num_global], proj, key, lamb=config.lamb, convention=config.loss_convention,

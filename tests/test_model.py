@@ -1,4 +1,6 @@
 """ViT shapes for global and local crops, the variant table, and the projector."""
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -192,3 +194,108 @@ def test_remat_policies_that_save_dots_recompute_no_matmul():
   # the custom backward of the no-remat MLP and plain autodiff: the same gradients
   for remat in ('dots', 'dots_no_batch', 'full'):
     chex.assert_trees_all_close(grads[remat], grads['none'], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- stochastic depth
+
+def test_drop_path_schedule_is_timms_linear_one():
+  np.testing.assert_allclose(vit.drop_path_rates(0.1, 5), [0.0, 0.025, 0.05, 0.075, 0.1],
+                             rtol=1e-6)   # torch.linspace(0, 0.1, 5), as timm's VisionTransformer
+
+
+def test_keep_scale_drops_whole_views_at_the_rate_and_scales_the_rest():
+  rate, batch, views = 0.3, 4000, ((2, 5), (3, 2))     # 2 views of 5 tokens, 3 of 2
+  scale = np.asarray(vit._keep_scale(jax.random.key(0), rate, batch, views, True, jnp.float32))
+  assert scale.shape == (batch, 2 * 5 + 3 * 2, 1)
+  per_view = [scale[:, 0:5], scale[:, 5:10]] + [scale[:, 10 + 2 * i:12 + 2 * i] for i in range(3)]
+  for v in per_view:                      # every token of a view shares its view's multiplier
+    np.testing.assert_array_equal(v, np.repeat(v[:, :1], v.shape[1], axis=1))
+  values = np.concatenate([v[:, 0, 0] for v in per_view])
+  assert set(np.unique(values)) <= {0.0, np.float32(1 / (1 - rate))}
+  kept, n = np.mean(values > 0), values.size
+  assert abs(kept - (1 - rate)) < 3 * np.sqrt(rate * (1 - rate) / n), kept
+
+
+def test_a_block_skips_both_branches_of_a_view_with_probability_rate_squared():
+  cfg = _small(drop_path_rate=0.5)
+  views = ((2, 5), (1, 3))
+  x = jax.random.normal(jax.random.key(3), (64, 13, 32))
+  block = vit.Block(cfg, views)
+  params = jax.jit(block.init)(jax.random.key(0), x)
+  apply = jax.jit(block.apply)
+  rate, skipped, n = 0.4, 0, 0
+  for seed in range(40):
+    y, _ = apply(params, x, (jnp.float32(rate), jax.random.key(seed)))
+    same = np.all(np.asarray(y) == np.asarray(x), axis=-1)            # (B, tokens)
+    per_view = [same[:, 0:5], same[:, 5:10], same[:, 10:13]]
+    skipped += sum(int(v.all(axis=1).sum()) for v in per_view)
+    n += 3 * x.shape[0]
+    for v in per_view:                     # a view is skipped as a whole or not at all
+      assert np.all(v.all(axis=1) | ~v.any(axis=1))
+  p = rate ** 2                            # attention and MLP both dropped
+  assert abs(skipped / n - p) < 3 * np.sqrt(p * (1 - p) / n), skipped / n
+
+
+def test_drop_path_is_off_in_evaluation_and_at_rate_0_changes_nothing():
+  images = [jax.random.normal(jax.random.key(1), (3, 2, 32, 32, 3)),
+            jax.random.normal(jax.random.key(2), (3, 2, 16, 16, 3))]
+  def apply(rate, train, rngs=None):
+    model = vit.ViT(_small(drop_path_rate=rate))
+    return jax.jit(functools.partial(model.apply, train=train))(params, images, rngs=rngs)
+
+  params = jax.jit(vit.ViT(_small()).init)(jax.random.key(0), images)
+  reference = apply(0.0, False)
+  rngs = {'drop_path': jax.random.key(5)}
+  same = [apply(0.0, True, rngs), apply(0.3, False), apply(0.3, False, rngs)]  # rate 0, evaluation
+  for out in same:
+    chex.assert_trees_all_equal(out, reference)
+  dropped = apply(0.3, True, rngs)
+  other = apply(0.3, True, {'drop_path': jax.random.key(6)})
+  assert not np.allclose(dropped['cls'], reference['cls'])
+  assert not np.allclose(dropped['cls'], other['cls'])
+
+
+@pytest.mark.parametrize('remat', ['none', 'full'])
+def test_scan_and_loop_draw_the_same_drop_path_masks(remat):
+  images = [jax.random.normal(jax.random.key(1), (3, 2, 32, 32, 3)),
+            jax.random.normal(jax.random.key(2), (3, 2, 16, 16, 3))]
+  scanned = vit.ViT(_small(scan=True, drop_path_rate=0.5, remat=remat))
+  params = jax.jit(scanned.init)(jax.random.key(0), images)['params']
+  loop_params = {k: v for k, v in params.items() if k != 'blocks'}
+  for i in range(3):
+    loop_params[f'block_{i}'] = jax.tree.map(lambda p: p[i], params['blocks'])
+  rngs = {'drop_path': jax.random.key(7)}
+  train = lambda model: jax.jit(functools.partial(model.apply, train=True))
+  out_scan = train(scanned)({'params': params}, images, rngs=rngs)
+  # The unrolled encoder's last block computes CLS tokens only (cls_only_last): same masks.
+  out_loop = train(vit.ViT(_small(scan=False, drop_path_rate=0.5, remat=remat)))(
+      {'params': loop_params}, images, rngs=rngs)
+  chex.assert_trees_all_close(out_scan, out_loop, rtol=1e-5, atol=1e-5)
+  plain = jax.jit(scanned.apply)({'params': params}, images)
+  assert not np.allclose(out_scan['cls'], plain['cls'])      # something was dropped
+
+
+def test_train_step_with_drop_path_is_seeded_and_drops():
+  """The train step passes the 'drop_path' stream: the same seed gives the same loss, and the
+  loss differs from the same step without stochastic depth."""
+  from configs import fmnist
+  from lejepa_jax import sharding, steps
+  rng = np.random.default_rng(0)
+  losses = {}
+  for rate in (0.5, 0.0):
+    c = fmnist.get_config('runlocal')
+    c.model.drop_path_rate = rate
+    d = c.data
+    mesh = sharding.make_mesh({'data': -1})
+    programs = steps.build(c, mesh, 10)
+    shapes = {'global': (32, d.num_global_views, d.global_size, d.global_size, 1),
+              'local': (32, d.num_local_views, d.local_size, d.local_size, 1)}
+    if not losses:
+      host = {k: rng.normal(size=v).astype(np.float32) for k, v in shapes.items()}
+      host['label'] = rng.integers(0, 10, 32).astype(np.int32)
+    with sharding.activate(mesh):
+      batch = sharding.to_global_batch(host, mesh)
+      losses[rate] = [float(programs.train_step(programs.init(np.int32(0)), batch)[1]['train/loss'])
+                      for _ in range(2 if rate else 1)]
+  assert losses[0.5][0] == losses[0.5][1] and np.isfinite(losses[0.5][0])
+  assert losses[0.5][0] != losses[0.0][0]

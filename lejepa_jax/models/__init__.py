@@ -33,7 +33,7 @@ class LeJEPAModel(nn.Module):
     views = [global_views]
     if local_views is not None and local_views.shape[1]:
       views.append(local_views)
-    enc = self.vit(views)
+    enc = self.vit(views, train=train)      # stochastic depth in training only
     emb = enc['cls']                                                # (B, V, D), global first
     features = jax.lax.stop_gradient(enc['probe_features'][:, :vg]).reshape(b * vg, -1)
     v = emb.shape[1]
@@ -57,6 +57,7 @@ def build_model(config) -> LeJEPAModel:
                    remat=m.get('remat', 'none'), scan=m.get('scan', True),
                    attention=m.get('attention') or None,
                    cls_only_last=m.get('cls_only_last', True),
+                   drop_path_rate=float(m.get('drop_path_rate', 0.0)),
                    dtype=jnp.dtype(m.get('dtype', 'float32')))
   return LeJEPAModel(encoder=enc, projector_hidden=tuple(m.projector_hidden),
                      projector_out=m.projector_out, num_classes=config.data.num_classes)

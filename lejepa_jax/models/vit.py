@@ -15,6 +15,13 @@ Speed (measured with benchmarks/train_step.py; each is exact up to float roundin
 - GELU is recomputed in the backward pass and, without remat, the MLP's dense layers choose
   which operand their weight gradient transposes (`_dense_bwd`): fewer passes over the widest
   activations.
+
+Stochastic depth (ViTConfig.drop_path_rate, as timm's `drop_path_rate`): in training, each
+residual branch (attention and MLP) of block i is dropped for a whole sample with
+probability rate * i / (depth - 1) and scaled by 1 / keep otherwise. A sample is one view
+(crop), as in the reference code, which runs every crop as its own batch entry. The masks
+come from one key per block split off the 'drop_path' rng stream at the top, so scanned
+and unrolled encoders draw the same masks.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # name: (width, depth, mlp_dim, num_heads)
 VARIANTS = {
@@ -61,6 +69,7 @@ class ViTConfig:
   # With scan=False, the last block computes its CLS tokens only (the same outputs, fewer
   # FLOPs); False computes every token, as the scanned blocks always do.
   cls_only_last: bool = True
+  drop_path_rate: float = 0.0   # stochastic depth of the last block (linear from 0 at the first)
 
 
 def vit_config(variant: str, *, patch_size: int, image_size: int, **overrides) -> ViTConfig:
@@ -76,6 +85,8 @@ def vit_config(variant: str, *, patch_size: int, image_size: int, **overrides) -
     raise ValueError(f'width {base["width"]} is not divisible by num_heads {base["num_heads"]}')
   if overrides.get('remat', 'none') not in REMAT_POLICIES:
     raise ValueError(f'model.remat must be one of {sorted(REMAT_POLICIES)}')
+  if not 0.0 <= overrides.get('drop_path_rate', 0.0) < 1.0:
+    raise ValueError(f'model.drop_path_rate must lie in [0, 1), got {overrides["drop_path_rate"]}')
   if overrides.get('attention') not in (None, 'xla', 'cudnn'):
     raise ValueError(f"model.attention must be '', 'xla' or 'cudnn', got {overrides['attention']!r}")
   return ViTConfig(patch_size=patch_size, image_size=image_size, **base)
@@ -234,34 +245,57 @@ class Attention(nn.Module):
     return jnp.einsum('bqhk,hkd->bqd', y, out_kernel.astype(cfg.dtype)) + out_bias.astype(cfg.dtype)
 
 
+def _keep_scale(key, rate, batch: int, views, tokens_per_view: bool, dtype):
+  """Per-view stochastic-depth multipliers: 0 (dropped, probability `rate`) or 1 / (1 - rate),
+  shaped (B, sum V_i S_i, 1) to multiply packed tokens, or (B, sum V_i, 1) for CLS tokens."""
+  keep = 1.0 - rate
+  kept = jax.random.uniform(key, (batch, sum(v for v, _ in views))) < keep
+  scale = jnp.where(kept, 1.0 / keep, 0.0).astype(dtype)
+  if tokens_per_view:    # every token of a view takes its view's multiplier (a static gather)
+    scale = scale[:, np.repeat(np.arange(scale.shape[1]), [s for v, s in views for _ in range(v)])]
+  return scale[..., None]
+
+
 class Block(nn.Module):
   """Pre-norm transformer block; returns (tokens, CLS tokens) for nn.scan.
 
   x: (B, S, D) or packed views (see Attention). The second output is the CLS token,
   (B, D), or the CLS token of every view, (B, sum V_i, D), when `views` is set.
   cls_only: compute only the CLS tokens' outputs (the first output is then the CLS tokens).
+  drop: None (no stochastic depth) or (rate, key) of this block: each residual branch is
+  dropped per view with probability `rate` (see the module docstring).
   """
   config: ViTConfig
   views: tuple | None = None
   cls_only: bool = False
 
   @nn.compact
-  def __call__(self, x, _=None):
+  def __call__(self, x, drop=None):
     cfg = self.config
     views = self.views or ((1, x.shape[1]),)
+    scale = lambda k, tokens: 1.0   # noqa: E731  (no stochastic depth)
+    if drop is not None:
+      rate, key = drop
+      keys = jax.random.split(key)
+      scale = lambda k, tokens: _keep_scale(keys[k], rate, x.shape[0], views, tokens, cfg.dtype)
     y = _layer_norm(cfg.dtype, 'norm1')(x)
     y = Attention(cfg, self.views, self.cls_only, name='attn')(y)
     if self.cls_only:
       x = _cls_tokens(x, views)
-    x = x + y
+    x = x + y * scale(0, not self.cls_only)
     y = _layer_norm(cfg.dtype, 'norm2')(x)
     y = _dense(cfg.mlp_dim, ('embed', 'mlp'), cfg, 'mlp_in')(y)
     y = _gelu(y)
     y = nn.with_logical_constraint(y, ('batch', 'seq', 'mlp'))
     y = _dense(cfg.width, ('mlp', 'embed'), cfg, 'mlp_out')(y)
-    x = nn.with_logical_constraint(x + y, ('batch', 'seq', 'embed'))
+    x = nn.with_logical_constraint(x + y * scale(1, not self.cls_only), ('batch', 'seq', 'embed'))
     cls = x if self.cls_only else _cls_tokens(x, views)
     return x, (cls if self.views else cls[:, 0])
+
+
+def drop_path_rates(rate: float, depth: int) -> jax.Array:
+  """timm's schedule: linearly from 0 at the first block to `rate` at the last."""
+  return jnp.linspace(0.0, rate, depth)
 
 
 def _resize_grid(pos: jax.Array, grid: int, new_grid: int) -> jax.Array:
@@ -291,7 +325,9 @@ class ViT(nn.Module):
   config: ViTConfig
 
   @nn.compact
-  def __call__(self, images) -> dict[str, jax.Array]:
+  def __call__(self, images, train: bool = False) -> dict[str, jax.Array]:
+    """train=True with config.drop_path_rate > 0 draws stochastic depth from the
+    'drop_path' rng stream; otherwise the encoder is deterministic."""
     cfg = self.config
     single = not isinstance(images, (tuple, list))
     groups = [images[:, None]] if single else list(images)
@@ -331,20 +367,26 @@ class ViT(nn.Module):
     x = _join_views(tokens, b)
     x = nn.with_logical_constraint(x, ('batch', 'seq', 'embed'))
 
+    # Stochastic depth: (rate, key) per block, as arrays with a leading depth axis (scanned).
+    drop = None
+    if train and cfg.drop_path_rate > 0:
+      drop = (drop_path_rates(cfg.drop_path_rate, cfg.depth),
+              jax.random.split(self.make_rng('drop_path'), cfg.depth))
     block = Block
     if cfg.remat != 'none':
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan)
     if cfg.scan:
       blocks = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                        length=cfg.depth, metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, cls_per_layer = blocks(cfg, views, name='blocks')(x, None)
+      x, cls_per_layer = blocks(cfg, views, name='blocks')(x, drop)
       x = _cls_tokens(x, views)
     else:
       cls_list = []
       for i in range(cfg.depth):
         # Nothing reads the last block's other tokens: it computes the CLS tokens only.
         last = cfg.cls_only_last and i == cfg.depth - 1
-        x, c = block(cfg, views, last, name=f'block_{i}')(x, None)
+        x, c = block(cfg, views, last, name=f'block_{i}')(
+            x, None if drop is None else jax.tree.map(lambda a: a[i], drop))
         cls_list.append(c)
       cls_per_layer = jnp.stack(cls_list)
       if not last:
