@@ -53,7 +53,8 @@ def evaluate_workdir(config, workdir, *, step: int | None = None, names=None,
   except KeyError as e:
     raise train.ConfigError(f'--evals: {e.args[0]}') from None
   mesh = sharding_lib.make_mesh(config.get('mesh'), devices)
-  train._check_divisible(config, sharding_lib.data_parallel_size(mesh), jax.process_count())
+  train._check_divisible(config, sharding_lib.data_parallel_size(mesh),
+                         sharding_lib.batch_feed(mesh).count)
   train_source = sources.get_source(config.data, config.data.train_split)
   test_source = sources.get_source(config.data, config.data.test_split)
   train._check_data(config, train_source, test_source)

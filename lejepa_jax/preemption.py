@@ -10,8 +10,8 @@ the same call everywhere once a notice came in:
   and `multihost_utils.reached_preemption_sync_point(n)` turns True there on all
   hosts. The counter is the number of polls, which every host makes in the same order.
 - Otherwise a SIGTERM handler sets a flag. One process reads it at every poll; several
-  processes (service disabled) OR it across processes with an all-gather every
-  `check_every` polls, so they all stop at the same one.
+  processes (service disabled) OR it across processes with an all-gather at every poll,
+  so they all stop at the same one.
 
 No host-device synchronisation here; the training loop keeps at most two steps in
 flight, so a notice acts within about two steps. The loop then saves, waits for the
@@ -55,8 +55,7 @@ def _jax_service_running() -> bool:
 class Watcher:
   """Context manager: installs the SIGTERM handler (when JAX's service is not running)."""
 
-  def __init__(self, check_every: int = 1):
-    self.check_every = max(1, int(check_every))
+  def __init__(self):
     self.source = None         # 'jax preemption service' | 'SIGTERM' | None (no notice source)
     self._flag = False
     self._previous = None
@@ -91,7 +90,5 @@ class Watcher:
       return multihost_utils.reached_preemption_sync_point(self._polls)
     if jax.process_count() == 1:
       return self._flag
-    if self._polls % self.check_every:
-      return False
     flags = multihost_utils.process_allgather(np.int32(self._flag))
     return bool(np.any(flags))

@@ -322,14 +322,16 @@ def _resume_batch(config, step: int, position: dict | None) -> int:
   return -(-records // config.batch_size)
 
 
-def _check_divisible(config, dp: int, processes: int) -> None:
+def _check_divisible(config, dp: int, blocks: int) -> None:
+  """Both batch sizes split over the dp devices and the `blocks` the processes read
+  (`sharding.batch_feed(mesh).count`: the process count unless replicas span processes)."""
   problems = []
   for key, value in (('batch_size', config.batch_size), ('eval.batch_size', config.eval.batch_size)):
-    if value % dp or value % processes:
-      step = int(np.lcm(dp, processes))
+    if value % dp or value % blocks:
+      step = int(np.lcm(dp, blocks))
       problems.append(
-          f'{key}={value} must divide by the data-parallel size {dp} and the process count '
-          f'{processes}: set --config.{key} to a multiple of {step} (e.g. '
+          f'{key}={value} must divide by the data-parallel size {dp} and the {blocks} blocks '
+          f'the processes read: set --config.{key} to a multiple of {step} (e.g. '
           f'{max(step, value // step * step)}), or change mesh')
   if problems:
     raise ConfigError('bad config: ' + '; '.join(problems))
@@ -374,7 +376,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
   except sharding_lib.MeshFeedError as e:
     raise ConfigError(f'bad config: mesh={dict(config.get("mesh") or {})}: {e}') from None
   dp = sharding_lib.data_parallel_size(mesh)
-  _check_divisible(config, dp, jax.process_count())
+  _check_divisible(config, dp, feed.count)
   logging.info('mesh %s over %d devices, %d processes (%s); this process reads batch block '
                '%d of %d%s', dict(mesh.shape), mesh.devices.size, jax.process_count(),
                sharding_lib.describe_devices(mesh), feed.index, feed.count,
