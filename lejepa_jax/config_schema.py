@@ -96,10 +96,17 @@ KEYS: dict[str, tuple[bool, str]] = {
     'model.remat': (OPTIONAL, 'rematerialisation policy [none]'),
     'model.drop_path_rate': (OPTIONAL, 'stochastic depth of the last block, linear from 0 at '
                                        'the first, per view, training only (timm) [0.0]'),
+    'model.gelu': (OPTIONAL, "MLP activation: 'exact' (erf; torch's and timm's GELU) or 'tanh' "
+                             '(the approximation; what runs made before this key used) [tanh]'),
     'model.scan': (OPTIONAL, 'scan over layers [True]'),
     'model.cls_only_last': (OPTIONAL, 'unrolled ViT: the last block computes only the CLS '
                                       'tokens (nothing else reads them) [True]'),
     'model.attention': (OPTIONAL, "dot_product_attention implementation ['': jax picks]"),
+    'model.embedding_dim': (OPTIONAL, "> 0: a linear head width -> N on the final CLS (timm's "
+                                      'num_classes head), the projector input [0: none]'),
+    'model.online_probe_input': (OPTIONAL, "online probe's input: 'probe' (CLS of the last two "
+                                           "blocks) or 'embedding' (the projector input) [probe]"),
+    'model.projector_activation': (OPTIONAL, "'gelu' or 'relu' (torchvision MLP's) [gelu]"),
     'model.projector_hidden': (REQUIRED, 'hidden widths of the BatchNorm MLP projector'),
     'model.projector_out': (REQUIRED, 'projector output dimension (SIGReg acts here)'),
     # optimizer
@@ -108,6 +115,13 @@ KEYS: dict[str, tuple[bool, str]] = {
     'optim.weight_decay': (REQUIRED, 'AdamW weight decay'),
     'optim.b1': (REQUIRED, 'AdamW beta1'),
     'optim.b2': (REQUIRED, 'AdamW beta2'),
+    'optim.end_lr': (OPTIONAL, "absolute learning rate at the cosine's end for the network and "
+                               "the probe alike (torch's eta_min) [-1: each one's lr / 1000]"),
+    'optim.warmup_start_factor': (OPTIONAL, 'warmup starts at lr x this (torch LinearLR '
+                                            'start_factor) [0.0]'),
+    'optim.weight_decay_on': (OPTIONAL, "'kernels' (dense, attention and patch-embedding "
+                                        "kernels only) or 'all' (every parameter, as torch's "
+                                        'AdamW on net.parameters()) [kernels]'),
     'optim.clip_norm': (OPTIONAL, 'global gradient-norm clipping [0: none]'),
     'optim.probe_lr': (REQUIRED, 'learning rate of the online probe'),
     'optim.probe_weight_decay': (REQUIRED, 'weight decay of the online probe'),
@@ -116,9 +130,10 @@ KEYS: dict[str, tuple[bool, str]] = {
     'eval.max_examples': (OPTIONAL, 'cap per split: that many images drawn with `seed`, '
                                     'stratified by class where the labels are known without '
                                     'decoding (folders, Fashion-MNIST) [0: the full splits]'),
-    'eval.features': (OPTIONAL, "what the evaluators see: 'probe' (CLS of the last two blocks), "
-                                "'embedding' (final CLS) or 'projection' (projector output) "
-                                "[probe]"),
+    'eval.features': (OPTIONAL, "every evaluator's features unless it names its own: 'probe' "
+                                "(CLS of the last two blocks), 'embedding' (final CLS), 'head' "
+                                "or 'projection' ['': each evaluator's protocol, "
+                                'evaluators/suite.py]'),
     # embedding diagnostics (lejepa_jax/diagnostics.py) and plots
     'diagnostics.every': (OPTIONAL, 'steps between embedding diagnostics (RankMe, spectrum, '
                                     'SIGReg of the backbone, variances) [0: off]'),

@@ -34,13 +34,16 @@ OUTPUTS = {
     # output name -> key of ViT.__call__'s dict
     'features': 'probe_features',
     'embedding': 'cls',
+    'head': 'head',           # only with a linear head (model.embedding_dim > 0)
 }
 FEATURES_DEFINITION = (
     'concatenation of the CLS tokens output by the last two transformer blocks (before the '
     'final LayerNorm; the last block twice when depth is 1), dimension 2 * width: the '
     'frozen-evaluation features of LeJEPA (linear probe, k-NN); LeJEPAModel.features')
 EMBEDDING_DEFINITION = ('CLS token after the final LayerNorm, dimension width: the input of '
-                        'the projector during pretraining')
+                        'the projector (of the head, if any) during pretraining')
+HEAD_DEFINITION = ("linear head on the embedding (timm's num_classes head), dimension "
+                   'head_dim: the input of the projector during pretraining')
 
 
 def _join(path) -> str:
@@ -103,7 +106,9 @@ def vit_config(config: dict, *, dtype=None, attention=None, scan=None):
       width=m['width'], depth=m['depth'], mlp_dim=m['mlp_dim'], num_heads=m['num_heads'],
       patch_size=m['patch_size'], image_size=m['image_size'], num_registers=m['num_registers'],
       dtype=jnp.dtype(dtype or m['dtype']), remat='none',
-      scan=m['scan'] if scan is None else scan, attention=attention)
+      scan=m['scan'] if scan is None else scan, attention=attention,
+      gelu=m.get('gelu', 'tanh'),   # exports made before the key existed: tanh
+      head_dim=m.get('head_dim', 0))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -165,6 +170,10 @@ def read_config(path) -> dict:
     raise FileNotFoundError(f'{file} does not exist: not a lejepa_jax export (make one with '
                             'python -m lejepa_jax.export --workdir=DIR --out=PATH)')
   config = json.loads(file.read_text())
+  if config.get('format') == 'timm':
+    raise ValueError(f'{file} is an export for timm (PyTorch): load it with timm.create_model('
+                     "**json.load(open('timm.json'))) and load_state_dict, or export again "
+                     'without --format=timm for lejepa_jax.load_encoder')
   if config.get('format') != FORMAT or config.get('format_version', 0) > FORMAT_VERSION:
     raise ValueError(f'{file} is not a {FORMAT} export of version <= {FORMAT_VERSION} '
                      f'(format={config.get("format")!r}, '
@@ -195,9 +204,10 @@ def load_encoder(path, *, output: str = 'features', normalized: bool = False, dt
   import jax
   import jax.numpy as jnp
   from lejepa_jax.models import vit
-  if output not in OUTPUTS:
-    raise ValueError(f'output must be one of {sorted(OUTPUTS)}, got {output!r}')
   config = read_config(path)
+  if output not in config['outputs']:
+    raise ValueError(f'output must be one of {sorted(config["outputs"])} for this export, '
+                     f'got {output!r}')
   cfg = vit_config(config, dtype=dtype, attention=attention)
   module = vit.ViT(cfg)
   flat = read_weights(path)

@@ -10,6 +10,15 @@ of DIR/checkpoints read-only, and writes the directory PATH:
 Load it with `lejepa_jax.load_encoder(PATH)` (lejepa_jax/encoder.py), which needs neither
 the workdir nor the config files.
 
+--format=timm writes the same encoder for PyTorch instead (lejepa_jax/timm_format.py):
+model.safetensors with timm's VisionTransformer names and layouts, timm.json with the
+arguments of `timm.create_model`, and config.json as above ("format": "timm"). In PyTorch:
+    import json, timm, safetensors.torch
+    model = timm.create_model(**json.load(open('PATH/timm.json')))
+    model.load_state_dict(safetensors.torch.load_file('PATH/model.safetensors'))
+model(images) is then the final-LayerNorm CLS token (or the head's output with
+model.embedding_dim > 0), on NCHW images normalised with config.json's mean and std.
+
 Missing config.json or checkpoint, an unreadable checkpoint, or a PATH that exists and is
 not empty (without --overwrite) fail with one line `[lejepa_jax] error: ...` on stderr,
 exit status 2, before anything is written. --overwrite replaces model.safetensors and
@@ -30,6 +39,10 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a run (config.json, 
 _OUT = flags.DEFINE_string('out', None, 'Output directory (created).')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Write into a non-empty --out.')
+_FORMAT = flags.DEFINE_enum('format', 'lejepa_jax', ['lejepa_jax', 'timm'],
+                            'lejepa_jax: for lejepa_jax.load_encoder; timm: a timm '
+                            'VisionTransformer state dict and its create_model arguments.')
+TIMM_ARGS_FILE = 'timm.json'
 flags.mark_flags_as_required(['workdir', 'out'])
 
 
@@ -59,11 +72,13 @@ def export_config(config, step: int, workdir: str) -> dict:
           'mlp_dim': enc.mlp_dim, 'num_heads': enc.num_heads, 'patch_size': enc.patch_size,
           'image_size': enc.image_size, 'num_registers': enc.num_registers,
           'dtype': str(jax.numpy.dtype(enc.dtype)), 'scan': enc.scan,
-          'attention': enc.attention,
+          'attention': enc.attention, 'gelu': enc.gelu, 'head_dim': enc.head_dim,
       },
       'outputs': {
           'features': {'dim': 2 * enc.width, 'definition': encoder_lib.FEATURES_DEFINITION},
           'embedding': {'dim': enc.width, 'definition': encoder_lib.EMBEDDING_DEFINITION},
+          **({'head': {'dim': enc.head_dim, 'definition': encoder_lib.HEAD_DEFINITION}}
+             if enc.head_dim else {}),
       },
       'embedding_dim': enc.width,
       'features_dim': 2 * enc.width,
@@ -98,8 +113,10 @@ def _check_out(out, overwrite: bool):
   return path
 
 
-def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool = False) -> dict:
-  """Writes the encoder of `workdir`'s checkpoint `step` to `out`; returns its config.json.
+def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool = False,
+           fmt: str = 'lejepa_jax') -> dict:
+  """Writes the encoder of `workdir`'s checkpoint `step` to `out` in format `fmt`
+  ('lejepa_jax' or 'timm'); returns its config.json.
 
   Raises ExportError (bad input: message names the path and what to do).
   """
@@ -152,13 +169,24 @@ def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool =
   tensors = encoder_lib.flat_params(jax.device_get(encoder_params), programs.model.encoder.depth)
   meta = export_config(config, step, str(ckpt_lib.directory(workdir).parent))
   meta['num_params'] = int(sum(v.size for v in tensors.values()))
+  files = {}
+  if fmt == 'timm':
+    from lejepa_jax import timm_format
+    try:
+      timm_args = timm_format.timm_arguments(meta['model'], input_size=meta['input_size'],
+                                             channels=meta['channels'])
+    except ValueError as e:
+      raise ExportError(f'this encoder has no timm equivalent: {e}') from None
+    tensors = timm_format.timm_state_dict(tensors, meta['model'])
+    meta['format'], meta['timm'] = 'timm', timm_args
+    files[TIMM_ARGS_FILE] = (json.dumps(timm_args, indent=2) + '\n').encode()
   if jax.process_index() != 0:
     return meta
 
   path.mkdir(parents=True, exist_ok=True)
-  files = {encoder_lib.WEIGHTS_FILE: safetensors.numpy.save(
-               tensors, metadata={'format': encoder_lib.FORMAT, 'step': str(step)}),
-           encoder_lib.CONFIG_FILE: (json.dumps(meta, indent=2) + '\n').encode()}
+  files.update({encoder_lib.WEIGHTS_FILE: safetensors.numpy.save(
+                    tensors, metadata={'format': meta['format'], 'step': str(step)}),
+                encoder_lib.CONFIG_FILE: (json.dumps(meta, indent=2) + '\n').encode()})
   for name, data in files.items():
     tmp = path / (name + '.tmp')
     tmp.write_bytes(data)
@@ -172,14 +200,19 @@ def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}: use --workdir=DIR --out=PATH [--step=S]')
   try:
-    meta = export(_WORKDIR.value, _OUT.value, step=_STEP.value, overwrite=_OVERWRITE.value)
+    meta = export(_WORKDIR.value, _OUT.value, step=_STEP.value, overwrite=_OVERWRITE.value,
+                  fmt=_FORMAT.value)
   except ExportError as e:
     cli.fail(str(e))
+  how = (f'lejepa_jax.load_encoder({_OUT.value!r})' if _FORMAT.value == 'lejepa_jax' else
+         f'timm.create_model(**json.load(open({_OUT.value + "/" + TIMM_ARGS_FILE!r}))) and '
+         f'load_state_dict(safetensors.torch.load_file('
+         f'{_OUT.value + "/model.safetensors"!r}))')
   print(f'[lejepa_jax] exported step {meta["step"]} of {_WORKDIR.value}: encoder '
         f'({meta["model"]["variant"]}, width {meta["model"]["width"]}, depth '
         f'{meta["model"]["depth"]}) with {meta["num_params"]:,} parameters to {_OUT.value} '
-        f'(model.safetensors, config.json); features dim {meta["features_dim"]}. Load with '
-        f'lejepa_jax.load_encoder({_OUT.value!r})')
+        f'({", ".join(["model.safetensors", "config.json"] + (["timm.json"] if _FORMAT.value == "timm" else []))}); '
+        f'features dim {meta["features_dim"]}. Load with {how}')
 
 
 if __name__ == '__main__':

@@ -1,16 +1,29 @@
-"""AdamW with linear warmup + cosine decay to lr/1000; weight decay on kernels only."""
+"""AdamW with linear warmup + cosine decay; weight decay on kernels (or on every parameter).
+
+Defaults follow the authors' README: warmup from 0, cosine to lr / 1000. Their MINIMAL.md
+script differs, and the differences are options: torch's LinearLR(start_factor=0.01) warmup
+(optim.warmup_start_factor), CosineAnnealingLR(eta_min=1e-3), an absolute floor shared by
+the network and the probe (optim.end_lr), and torch.optim.AdamW on net.parameters(), which
+decays every parameter (optim.weight_decay_on='all').
+"""
 from __future__ import annotations
 
 import jax
 import optax
 
+# optim.weight_decay_on -> which parameters AdamW decays.
+WEIGHT_DECAY_ON = ('kernels', 'all')
 
-def schedule(peak_lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
-  """0 -> peak_lr linearly over warmup_steps, then cosine to peak_lr / 1000 at total_steps."""
+
+def schedule(peak_lr: float, total_steps: int, warmup_steps: int, *,
+             end_lr: float | None = None, warmup_start_factor: float = 0.0) -> optax.Schedule:
+  """peak_lr * warmup_start_factor -> peak_lr linearly over warmup_steps, then cosine to
+  end_lr (default peak_lr / 1000) at total_steps."""
   warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps,
-      decay_steps=max(total_steps, warmup_steps + 1), end_value=peak_lr / 1000)
+      init_value=peak_lr * warmup_start_factor, peak_value=peak_lr, warmup_steps=warmup_steps,
+      decay_steps=max(total_steps, warmup_steps + 1),
+      end_value=peak_lr / 1000 if end_lr is None else end_lr)
 
 
 def decay_mask(params):
@@ -26,23 +39,36 @@ def decay_mask(params):
 
 
 def adamw(peak_lr: float, total_steps: int, warmup_steps: int, weight_decay: float,
-          b1: float = 0.9, b2: float = 0.999, clip_norm: float | None = None):
-  tx = optax.adamw(schedule(peak_lr, total_steps, warmup_steps), b1=b1, b2=b2,
-                   weight_decay=weight_decay, mask=decay_mask)
+          b1: float = 0.9, b2: float = 0.999, clip_norm: float | None = None, *,
+          end_lr: float | None = None, warmup_start_factor: float = 0.0,
+          weight_decay_on: str = 'kernels'):
+  if weight_decay_on not in WEIGHT_DECAY_ON:
+    raise ValueError(f'optim.weight_decay_on must be one of {WEIGHT_DECAY_ON}, '
+                     f'got {weight_decay_on!r}')
+  lr = schedule(peak_lr, total_steps, warmup_steps, end_lr=end_lr,
+                warmup_start_factor=warmup_start_factor)
+  tx = optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay,
+                   mask=decay_mask if weight_decay_on == 'kernels' else None)
   if clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
   return tx
 
 
 def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
-  """One AdamW for encoder + projector, another (weight decay 1e-6) for the online probe.
+  """One AdamW for encoder + projector, another (probe_lr, probe_weight_decay) for the online
+  probe, as torch's one AdamW with two parameter groups.
 
-  The probe sees stop-gradient features, so the two never interact; they only
-  share the schedule's shape.
+  The probe sees stop-gradient features, so the two never interact; they share the
+  schedule's shape (warmup, end_lr, weight_decay_on).
   """
   o = config.optim
-  model_tx = adamw(o.lr, total_steps, o.warmup_steps, o.weight_decay, o.b1, o.b2, o.get('clip_norm'))
-  probe_tx = adamw(o.probe_lr, total_steps, o.warmup_steps, o.probe_weight_decay)
+  end_lr = o.get('end_lr', -1.0)
+  shape = dict(end_lr=None if end_lr < 0 else end_lr,
+               warmup_start_factor=o.get('warmup_start_factor', 0.0),
+               weight_decay_on=o.get('weight_decay_on', 'kernels'))
+  model_tx = adamw(o.lr, total_steps, o.warmup_steps, o.weight_decay, o.b1, o.b2,
+                   o.get('clip_norm'), **shape)
+  probe_tx = adamw(o.probe_lr, total_steps, o.warmup_steps, o.probe_weight_decay, **shape)
 
   def labels(params):
     return {k: jax.tree.map(lambda _: 'probe' if k == 'probe' else 'model', v)

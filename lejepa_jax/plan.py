@@ -450,20 +450,32 @@ def assess(config, devices, *, total_steps: int, usable: int, sizes=None,
   jobs = [('train_step', programs.train_step, (state, batch))]
   feature_sets = None
   if with_eval:
-    jobs.append(('features', programs.features, (variables, images)))
+    from lejepa_jax.evaluators import suite
+    all_specs = suite.specs(config)
+    # One encoder pass gives every kind of features the evaluators read (suite.Runner).
+    kinds = tuple(dict.fromkeys(suite.feature_kind(config, s) for s in all_specs)) or (
+        config.eval.get('features') or 'probe',)
+    jobs.append(('features', programs.features_of(kinds), (variables, images)))
     if sizes:
       from lejepa_jax.evaluators import features as features_lib
-      from lejepa_jax.evaluators import suite
       e = config.eval
-      dim = steps.feature_dim(config, programs.model)
+      dims = steps.feature_dims(programs.model)
       by_size = {}       # evaluators with the same cap share one feature extraction
-      for spec in suite.specs(config):
+      for spec in all_specs:
         cap = suite.cap(config, spec)
         n = tuple(min(k, cap) if cap else k for k in sizes)
-        if n not in by_size:
-          by_size[n] = [features_lib.abstract_features(k, e.batch_size, dim, mesh) for k in n]
-        jobs += suite.programs(spec, *by_size[n], config.data.num_classes, mesh=mesh)
-      feature_sets = by_size[max(by_size, key=sum)] if by_size else None
+        dim = dims[suite.feature_kind(config, spec)]
+        if (n, dim) not in by_size:
+          by_size[n, dim] = [features_lib.abstract_features(k, e.batch_size, dim, mesh)
+                             for k in n]
+        jobs += suite.programs(spec, *by_size[n, dim], config.data.num_classes, mesh=mesh)
+      if by_size:        # resident during evaluation: all kinds of the largest extraction
+        n = max((n for n, _ in by_size), key=sum)
+        total = sum(dims[k] for k in kinds)
+        # One kind: the evaluators' own inputs. Several: the concatenation, beside which each
+        # evaluator holds a copy of its columns (counted with its arguments).
+        feature_sets = by_size.get((n, total)) if len(kinds) == 1 else [
+            features_lib.abstract_features(k, e.batch_size, total, mesh) for k in n]
   # What stays in HBM while the evaluation runs: the train state and the (largest) features.
   resident = [state] + ([tuple(f[:2]) for f in feature_sets] if feature_sets else [])
   resident_ids = set().union(*(_ids(t) for t in resident))

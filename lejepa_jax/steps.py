@@ -156,26 +156,39 @@ def _unbox(tree):
                       else x, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def _embedding(module, images):
-  return module.vit(images)['cls']
+# Feature kinds the frozen evaluators can read (eval.features, or an evaluator's `features`):
+FEATURE_KINDS = {
+    'probe': 'CLS tokens of the last two blocks, concatenated, before the final LayerNorm (the '
+             "paper's linear-probe features)",
+    'embedding': "the final-LayerNorm CLS token (DINO's k-NN features; timm's pooled output)",
+    'head': 'the linear head on the final CLS (model.embedding_dim > 0; the projector input)',
+    'projection': 'the projector output (BatchNorm with its running statistics)',
+}
+FEATURES = FEATURE_KINDS   # the names eval.features accepts
 
 
-def _projection(module, images):
-  return module.projector(module.vit(images)['cls'], train=False)
+def _features(module, images, kinds: tuple):
+  """The features of `kinds`, concatenated in that order, from one encoder pass."""
+  enc = module.vit(images)
+  parts = {'probe': lambda: enc['probe_features'], 'embedding': lambda: enc['cls'],
+           'head': lambda: enc['head'],
+           'projection': lambda: module.projector(models.embedding(enc), train=False)}
+  out = [parts[k]() for k in kinds]
+  return out[0] if len(out) == 1 else jnp.concatenate(out, axis=-1)
 
 
-# eval.features -> what the frozen evaluators see: the paper's probe features (CLS tokens of
-# the last two blocks, concatenated), the final CLS embedding (the projector's input), or the
-# projector's output (BatchNorm with its running statistics).
-FEATURES = {'probe': models.LeJEPAModel.features, 'embedding': _embedding,
-            'projection': _projection}
+def feature_dims(model) -> dict[str, int]:
+  """Width of each feature kind for `model` (a LeJEPAModel)."""
+  enc = model.encoder
+  dims = {'probe': 2 * enc.width, 'embedding': enc.width, 'projection': model.projector_out}
+  if enc.head_dim:
+    dims['head'] = enc.head_dim
+  return dims
 
 
 def feature_dim(config, model) -> int:
   """Width of the features `Programs.features` returns for config.eval.features."""
-  kind = config.eval.get('features', 'probe')
-  return {'probe': 2 * model.encoder.width, 'embedding': model.encoder.width,
-          'projection': model.projector_out}[kind]
+  return feature_dims(model)[config.eval.get('features') or 'probe']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +202,9 @@ class Programs:
   init: Callable[[Any], TrainState]  # seed (int32 scalar) -> sharded state
   train_step: Callable               # (state, batch) -> (state, metrics); donates state
   features: Callable                 # (variables, images (B, H, W, C)) -> (B, F)
+  # kinds (a tuple of FEATURE_KINDS) -> jitted (variables, images) -> (B, sum of their widths),
+  # the kinds concatenated in order from one encoder pass (what the evaluators extract).
+  features_of: Callable = None
 
 
 def build(config, mesh, total_steps: int) -> Programs:
@@ -219,10 +235,18 @@ def build(config, mesh, total_steps: int) -> Programs:
   step = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
                  in_shardings=(state_shardings, batch),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
-  method = FEATURES[config.eval.get('features', 'probe')]
-  features = jax.jit(
-      lambda variables, images: model.apply(variables, images, method=method),
-      in_shardings=(variables(state_shardings), batch), out_shardings=batch)
+
+  @functools.lru_cache(maxsize=None)
+  def features_of(kinds: tuple):
+    unknown = [k for k in kinds if k not in feature_dims(model)]
+    if unknown:
+      raise ValueError(f'features {unknown}: this model has {sorted(feature_dims(model))} '
+                       "('head' needs model.embedding_dim > 0)")
+    method = functools.partial(_features, kinds=tuple(kinds))
+    return jax.jit(lambda variables, images: model.apply(variables, images, method=method),
+                   in_shardings=(variables(state_shardings), batch), out_shardings=batch)
+
+  features = features_of((config.eval.get('features') or 'probe',))
   return Programs(model=model, tx=tx, mesh=mesh, abstract_state=abstract_state,
                   state_shardings=state_shardings, init=init, train_step=step,
-                  features=features)
+                  features=features, features_of=features_of)

@@ -111,8 +111,17 @@ def validate(config) -> None:
     problems.append('checkpoint_every and log_every must be >= 1')
   if config.get('checkpoint_max_to_keep', 2) < 1 or config.get('checkpoint_keep_every', 0) < 0:
     problems.append('checkpoint_max_to_keep must be >= 1 and checkpoint_keep_every >= 0 (0: none)')
-  if config.eval.get('features', 'probe') not in steps.FEATURES:
-    problems.append(f'eval.features={config.eval.features!r}: one of {sorted(steps.FEATURES)}')
+  if (config.eval.get('features') or 'probe') not in steps.FEATURE_KINDS:
+    problems.append(f'eval.features={config.eval.features!r}: one of '
+                    f'{sorted(steps.FEATURE_KINDS)}')
+  elif not config.model.get('embedding_dim', 0) and (
+      config.eval.get('features') == 'head' or any(
+          dict(e).get('features') == 'head' for e in (config.get('evals') or {}).values()
+          if hasattr(e, 'get'))):
+    problems.append("features 'head' need a head: set model.embedding_dim > 0")
+  if config.optim.get('weight_decay_on', 'kernels') not in optim.WEIGHT_DECAY_ON:
+    problems.append(f'optim.weight_decay_on={config.optim.weight_decay_on!r}: one of '
+                    f'{optim.WEIGHT_DECAY_ON}')
   if config.get('nonfinite', 'stop') not in steps.NONFINITE_POLICIES:
     problems.append(f'nonfinite={config.nonfinite!r}: one of {steps.NONFINITE_POLICIES}')
   if config.get('nonfinite_max_skips', 10) < 1:

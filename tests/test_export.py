@@ -80,7 +80,8 @@ def test_export_prints_where_and_how_many_parameters(run):
   assert meta['model'] == {
       'variant': m.variant, 'width': m.width, 'depth': m.depth, 'mlp_dim': m.mlp_dim,
       'num_heads': m.num_heads, 'patch_size': m.patch_size, 'image_size': 28,
-      'num_registers': 0, 'dtype': 'float32', 'scan': True, 'attention': None}
+      'num_registers': 0, 'dtype': 'float32', 'scan': True, 'attention': None,
+      'gelu': m.gelu, 'head_dim': 0}
   assert meta['features_dim'] == meta['outputs']['features']['dim'] == 2 * m.width
   assert meta['embedding_dim'] == meta['outputs']['embedding']['dim'] == m.width
   assert (meta['input_size'], meta['channels']) == (28, 1)
@@ -222,3 +223,57 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(run, tmp_path):
   assert meta['step'] == STEPS
   assert sorted(os.listdir(other)) == ['config.json', 'model.safetensors', 'notes.txt']
   assert json.load(open(other / 'config.json')) == meta
+
+
+_TIMM = '''
+import json, sys
+import numpy as np
+import safetensors.torch, timm, torch
+out, images = sys.argv[1], np.load(sys.argv[2])
+# The three lines of the README, as a PyTorch user types them:
+model = timm.create_model(**json.load(open(out + '/timm.json')))
+model.load_state_dict(safetensors.torch.load_file(out + '/model.safetensors'))
+model.eval()
+config = json.load(open(out + '/config.json'))
+x = (images.astype(np.float32) / 255 - np.float32(config['mean'])) / np.float32(config['std'])
+with torch.no_grad():
+  embedding = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+np.save(sys.argv[3], embedding)
+'''
+
+
+def test_export_for_timm_loads_in_pytorch_and_equals_the_checkpoint_embedding(run, tmp_path):
+  """`--format=timm` on the run's checkpoint (a custom-size, one-channel, scanned ViT):
+  timm.create_model + load_state_dict as the README shows, in a fresh process, give the
+  final-norm CLS the checkpoint computes here (rel 1e-4, float32)."""
+  from test_timm import import_timm
+  import_timm()
+  workdir, _, _ = run
+  out = str(tmp_path / 'timm')
+  result = _export(f'--workdir={workdir}', f'--out={out}', '--format=timm')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'timm.create_model' in result.stdout
+  assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors', 'timm.json']
+  meta = json.load(open(os.path.join(out, 'config.json')))
+  assert meta['format'] == 'timm' and meta['timm'] == json.load(open(os.path.join(out,
+                                                                                 'timm.json')))
+  with pytest.raises(ValueError, match='timm'):   # not for load_encoder, and it says so
+    import lejepa_jax
+    lejepa_jax.load_encoder(out)
+  images = _images()
+  np.save(tmp_path / 'images.npy', images)
+  result = subprocess.run([sys.executable, '-c', _TIMM, out, str(tmp_path / 'images.npy'),
+                           str(tmp_path / 'emb.npy')], cwd=str(tmp_path), env=_env(),
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  got = np.load(tmp_path / 'emb.npy')
+
+  config, programs, state, _ = _checkpoint(workdir)
+  d = config.data
+  spec = augment.AugmentSpec(mean=tuple(d.mean), std=tuple(d.std))
+  x = augment.normalize(images / np.float32(255), spec)
+  with sharding_lib.activate(programs.mesh):
+    x = jax.device_put(x, sharding_lib.batch_sharding(programs.mesh))
+    want = np.asarray(programs.features_of(('embedding',))(steps.variables(state), x))
+  assert got.shape == want.shape == (16, config.model.width)
+  assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()

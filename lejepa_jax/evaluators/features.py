@@ -108,6 +108,13 @@ def extract(feature_fn, variables, batches, mesh, num_batches: int,
   return Features(x, y, int(count))
 
 
+def columns(features: Features, start: int, stop: int) -> Features:
+  """The feature columns [start, stop) of every row (one kind out of several concatenated)."""
+  x = jax.jit(lambda x: x[..., start:stop], out_shardings=x_sharding(features.x.sharding.mesh))(
+      features.x)
+  return Features(x, features.y, features.count)
+
+
 def abstract_features(num_examples: int, global_batch: int, dim: int, mesh) -> Features:
   """Shapes and shardings of `extract`'s result, allocating nothing (for AOT compiles)."""
   nb = math.ceil(num_examples / global_batch)

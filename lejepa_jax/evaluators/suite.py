@@ -15,9 +15,18 @@ process and at every evaluation); the other keys are the keyword options of the 
 `evaluate`. Every evaluator has the same interface: `evaluate(train: Features, test:
 Features, num_classes, *, mesh, seed, **options) -> {'TYPE_KEY': float}`, and its results
 are logged as `eval/NAME_KEY` (so the evaluator named linear_probe writes
-eval/linear_probe_top1). With eval.features = 'embedding' or 'projection' (not the paper's
-probe features) the keys are eval/embedding/NAME_KEY or eval/projection/NAME_KEY.
-Evaluators due at the same step with the same cap share one feature extraction.
+eval/linear_probe_top1).
+
+Features (`features`, a kind of `steps.FEATURE_KINDS`): by default each evaluator reads
+those of the protocol it follows (PROTOCOL_FEATURES): the linear probe the paper's
+concatenated CLS tokens of the last two blocks ('probe'; the authors' README), k-NN and
+few-shot the final-LayerNorm CLS token ('embedding'; DINO's k-NN protocol, Caron et al. 2021,
+section 4.1 / their eval_knn.py, which L2-normalises it, as knn.py and fewshot.py do).
+`eval.features` set to a kind makes it every evaluator's default; an evaluator's own
+`features` wins over both. Results read from other features than the protocol's are logged
+as eval/KIND/NAME_KEY, so they are never mixed up with the protocol's figures.
+Evaluators due at the same step with the same cap share one feature extraction (one encoder
+pass yields every kind they need).
 """
 from __future__ import annotations
 
@@ -29,6 +38,7 @@ from absl import logging
 
 from lejepa_jax import preemption
 from lejepa_jax import sharding as sharding_lib
+from lejepa_jax import steps
 from lejepa_jax.data import pipeline
 from lejepa_jax.data import sources
 from lejepa_jax.evaluators import features as features_lib
@@ -45,7 +55,9 @@ TYPES: dict[str, tuple[Any, dict]] = {
     'fewshot': (fewshot.evaluate, dict(
         shots=(1, 5, 10, 25), seeds=3, l2_regs=(1e-3, 1e-2, 1e-1, 1.0, 10.0), val_examples=1000)),
 }
-COMMON = ('type', 'every', 'max_examples')
+COMMON = ('type', 'every', 'max_examples', 'features')
+# type -> the features of the protocol it follows (see the module docstring).
+PROTOCOL_FEATURES = {'linear_probe': 'probe', 'knn': 'embedding', 'fewshot': 'embedding'}
 # What a config without `evals` gets: the paper's frozen protocol at the end of training.
 DEFAULT_EVALS = {'linear_probe': {'type': 'linear_probe'}, 'knn': {'type': 'knn'}}
 
@@ -56,6 +68,18 @@ class Spec(NamedTuple):
   every: int            # 0: only at the end (and in `evaluate`)
   max_examples: int     # 0: eval.max_examples
   options: dict
+  features: str = ''    # a kind of steps.FEATURE_KINDS ('': the protocol's)
+
+
+def feature_kind(config, spec: Spec) -> str:
+  """The features `spec` reads: its own, else eval.features, else its protocol's."""
+  return spec.features or config.eval.get('features') or PROTOCOL_FEATURES[spec.type]
+
+
+def metric_prefix(config, spec: Spec) -> str:
+  """'eval/' for the protocol's features, 'eval/KIND/' for any other."""
+  kind = feature_kind(config, spec)
+  return 'eval/' if kind == PROTOCOL_FEATURES[spec.type] else f'eval/{kind}/'
 
 
 def _entries(config) -> dict:
@@ -88,6 +112,8 @@ def problems(config) -> list[str]:
     for key in ('every', 'max_examples'):
       if not isinstance(entry.get(key, 0), int) or entry.get(key, 0) < 0:
         out.append(f'evals.{name}.{key}={entry.get(key)!r} must be an integer >= 0')
+    if entry.get('features', 'probe') not in steps.FEATURE_KINDS:
+      out.append(f'evals.{name}.features={entry["features"]!r}: one of {sorted(steps.FEATURE_KINDS)}')
   return out
 
 
@@ -107,7 +133,7 @@ def specs(config, names=None) -> list[Spec]:
     options.update({k: v for k, v in entry.items() if k not in COMMON})
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
     out.append(Spec(name, entry['type'], int(entry.get('every', 0)),
-                    int(entry.get('max_examples', 0)), options))
+                    int(entry.get('max_examples', 0)), options, entry.get('features') or ''))
   return out
 
 
@@ -150,9 +176,11 @@ class Runner:
     source = self._sources[split]
     return sources.sample(source, cap, seed=self.config.seed) if cap else source
 
-  def features(self, variables, cap: int, should_stop=None):
-    """(train, test) Features of `cap` images of each split (0: all), see `capped`."""
+  def features(self, variables, cap: int, should_stop=None, kinds: tuple | None = None):
+    """(train, test) Features of `cap` images of each split (0: all), see `capped`: the
+    kinds given concatenated (default: Programs.features, i.e. eval.features)."""
     e, d = self.config.eval, self.config.data
+    program = self.programs.features_of(tuple(kinds)) if kinds else self.programs.features
     feed = sharding_lib.batch_feed(self.programs.mesh)
     out = []
     for split in (d.train_split, d.test_split):
@@ -160,7 +188,7 @@ class Runner:
       logging.info('extracting features: %s (%d images)', split, len(source))
       batches = pipeline.eval_batches(source, d, local_batch_size=e.batch_size // feed.count,
                                       process_index=feed.index, process_count=feed.count)
-      out.append(features_lib.extract(self.programs.features, variables, batches,
+      out.append(features_lib.extract(program, variables, batches,
                                       self.programs.mesh,
                                       num_batches=-(-len(source) // e.batch_size),
                                       should_stop=should_stop))
@@ -175,14 +203,21 @@ class Runner:
     """
     results, cached = {}, {}
     num_classes, mesh = self.config.data.num_classes, self.programs.mesh
-    features = self.config.eval.get('features', 'probe')
-    prefix = 'eval/' if features == 'probe' else f'eval/{features}/'  # never mixed up
-    # Grouped by cap (stable: config order within a group): one extraction per cap.
+    dims = steps.feature_dims(self.programs.model)
+    # Grouped by cap (stable: config order within a group): one extraction per cap, of every
+    # kind of features the group reads, concatenated; each evaluator gets its columns.
     for spec in sorted(run_specs, key=lambda s: cap(self.config, s)):
       n = cap(self.config, spec)
       if n not in cached:
-        cached = {n: self.features(variables, n, should_stop)}   # one set alive at a time
-      train, test = cached[n]
+        kinds = tuple(dict.fromkeys(feature_kind(self.config, s) for s in run_specs
+                                    if cap(self.config, s) == n))
+        cached = {n: (kinds, self.features(variables, n, should_stop, kinds))}  # one alive
+      kinds, (train, test) = cached[n]
+      kind = feature_kind(self.config, spec)
+      start = sum(dims[k] for k in kinds[:kinds.index(kind)])
+      if len(kinds) > 1:
+        train, test = (features_lib.columns(f, start, start + dims[kind]) for f in (train, test))
+      prefix = metric_prefix(self.config, spec)
       if should_stop is not None and should_stop():
         raise preemption.NoticeDuringEvaluation(f'before evaluator {spec.name}')
       evaluate = TYPES[spec.type][0]

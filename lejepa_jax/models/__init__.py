@@ -9,24 +9,41 @@ from lejepa_jax.models.heads import LinearProbe, Projector
 from lejepa_jax.models.vit import VARIANTS, ViT, ViTConfig, vit_config
 
 
+# model.online_probe_input -> the encoder output the online probe reads (stop-gradient).
+ONLINE_PROBE_INPUTS = {
+    'probe': 'probe_features',  # CLS tokens of the last two blocks (the paper's probe features)
+    'embedding': 'embedding',   # what the projector reads: the head's output, or the final CLS
+                                # (MINIMAL.md: LayerNorm + Linear on the 512-d timm head output)
+}
+
+
+def embedding(encoder_out: dict) -> jax.Array:
+  """The projector's input: the linear head's output when the encoder has one, else the
+  final-LayerNorm CLS token."""
+  return encoder_out['head'] if 'head' in encoder_out else encoder_out['cls']
+
+
 class LeJEPAModel(nn.Module):
   """Encoder + projector + online linear probe (on stop-gradient features)."""
   encoder: ViTConfig
   projector_hidden: tuple[int, ...]
   projector_out: int
   num_classes: int
+  online_probe_input: str = 'probe'
+  projector_activation: str = 'gelu'
 
   def setup(self):
     self.vit = ViT(self.encoder, name='encoder')
-    self.projector = Projector(self.projector_hidden, self.projector_out, name='projector')
+    self.projector = Projector(self.projector_hidden, self.projector_out,
+                               activation=self.projector_activation, name='projector')
     self.probe = LinearProbe(self.num_classes, name='probe')
 
   def __call__(self, global_views: jax.Array, local_views: jax.Array | None, *, train: bool):
     """global_views (B, Vg, H, W, C), local_views (B, Vl, h, w, C) or None.
 
     Returns projections (V, B, K) with the global views first, the online
-    probe logits for the global views (Vg, B, classes) and the encoder's
-    probe features of the global views (Vg, B, F).
+    probe logits for the global views (Vg, B, classes) and the online probe's
+    input features of the global views (Vg, B, F).
     """
     b, vg = global_views.shape[:2]
     # All views of an image run as one packed token sequence (see ViT).
@@ -34,8 +51,9 @@ class LeJEPAModel(nn.Module):
     if local_views is not None and local_views.shape[1]:
       views.append(local_views)
     enc = self.vit(views, train=train)      # stochastic depth in training only
-    emb = enc['cls']                                                # (B, V, D), global first
-    features = jax.lax.stop_gradient(enc['probe_features'][:, :vg]).reshape(b * vg, -1)
+    emb = embedding(enc)                                            # (B, V, D), global first
+    probe_input = emb if self.online_probe_input == 'embedding' else enc['probe_features']
+    features = jax.lax.stop_gradient(probe_input[:, :vg]).reshape(b * vg, -1)
     v = emb.shape[1]
     proj = self.projector(emb.reshape(b * v, -1), train=train).reshape(b, v, -1)
     logits = self.probe(features).reshape(b, vg, -1)
@@ -58,10 +76,20 @@ def build_model(config) -> LeJEPAModel:
                    attention=m.get('attention') or None,
                    cls_only_last=m.get('cls_only_last', True),
                    drop_path_rate=float(m.get('drop_path_rate', 0.0)),
+                   gelu=m.get('gelu', 'tanh'), head_dim=int(m.get('embedding_dim', 0)),
                    dtype=jnp.dtype(m.get('dtype', 'float32')))
+  probe_input = m.get('online_probe_input', 'probe')
+  if probe_input not in ONLINE_PROBE_INPUTS:
+    raise ValueError(f'model.online_probe_input must be one of {sorted(ONLINE_PROBE_INPUTS)}, '
+                     f'got {probe_input!r}')
+  activation = m.get('projector_activation', 'gelu')
+  if activation not in Projector.ACTIVATIONS:
+    raise ValueError(f'model.projector_activation must be one of '
+                     f'{sorted(Projector.ACTIVATIONS)}, got {activation!r}')
   return LeJEPAModel(encoder=enc, projector_hidden=tuple(m.projector_hidden),
-                     projector_out=m.projector_out, num_classes=config.data.num_classes)
+                     projector_out=m.projector_out, num_classes=config.data.num_classes,
+                     online_probe_input=probe_input, projector_activation=activation)
 
 
-__all__ = ['LeJEPAModel', 'LinearProbe', 'Projector', 'VARIANTS', 'ViT', 'ViTConfig',
+__all__ = ['LeJEPAModel', 'ONLINE_PROBE_INPUTS', 'embedding', 'LinearProbe', 'Projector', 'VARIANTS', 'ViT', 'ViTConfig',
            'build_model', 'vit_config']

@@ -9,13 +9,19 @@ import jax.numpy as jnp
 
 
 class Projector(nn.Module):
-  """MLP with BatchNorm and GELU between layers: hidden_dims..., then out_dim.
+  """MLP with BatchNorm and an activation between layers: hidden_dims..., then out_dim.
+
+  activation 'relu' is torchvision.ops.MLP's default, the authors' projector (MINIMAL.md:
+  MLP(512, [2048, 2048, proj_dim], norm_layer=BatchNorm1d)); 'gelu' (tanh approximation)
+  is what this project used first.
 
   BatchNorm statistics are taken over the global batch (all views, all
   devices): under jit with sharded arrays XLA reduces across devices.
   """
   hidden_dims: Sequence[int]
   out_dim: int
+  activation: str = 'gelu'
+  ACTIVATIONS = {'gelu': nn.gelu, 'relu': nn.relu}
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -26,7 +32,7 @@ class Projector(nn.Module):
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f'bn_{i}',
                        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('mlp',)),
                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('mlp',)))(x)
-      x = nn.gelu(x)
+      x = self.ACTIVATIONS[self.activation](x)
     return nn.Dense(self.out_dim, name='out',
                     kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ('mlp', None)),
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))(x)

@@ -70,6 +70,12 @@ class ViTConfig:
   # FLOPs); False computes every token, as the scanned blocks always do.
   cls_only_last: bool = True
   drop_path_rate: float = 0.0   # stochastic depth of the last block (linear from 0 at the first)
+  # 'exact' (erf): torch's nn.GELU(), which timm's ViTs (and the authors') use; 'tanh': the
+  # tanh approximation, flax's default, which runs before this option existed were trained with.
+  gelu: str = 'tanh'
+  # > 0: a linear head (width -> head_dim) on the final CLS token, timm's `num_classes` head,
+  # which the authors' runs use as the embedding (MINIMAL.md: num_classes=512).
+  head_dim: int = 0
 
 
 def vit_config(variant: str, *, patch_size: int, image_size: int, **overrides) -> ViTConfig:
@@ -87,6 +93,8 @@ def vit_config(variant: str, *, patch_size: int, image_size: int, **overrides) -
     raise ValueError(f'model.remat must be one of {sorted(REMAT_POLICIES)}')
   if not 0.0 <= overrides.get('drop_path_rate', 0.0) < 1.0:
     raise ValueError(f'model.drop_path_rate must lie in [0, 1), got {overrides["drop_path_rate"]}')
+  if overrides.get('gelu', 'tanh') not in GELUS:
+    raise ValueError(f"model.gelu must be one of {sorted(GELUS)}, got {overrides['gelu']!r}")
   if overrides.get('attention') not in (None, 'xla', 'cudnn'):
     raise ValueError(f"model.attention must be '', 'xla' or 'cudnn', got {overrides['attention']!r}")
   return ViTConfig(patch_size=patch_size, image_size=image_size, **base)
@@ -146,8 +154,11 @@ def _dense(features, axes, cfg, name=None):
 
 
 # GELU keeps only its input for the backward pass and recomputes the rest there, instead of
-# writing its tanh and reading it back: two fewer passes over the widest activations.
-_gelu = jax.checkpoint(nn.gelu)
+# writing its tanh (or erf) and reading it back: two fewer passes over the widest activations.
+GELUS = {
+    'exact': jax.checkpoint(lambda x: nn.gelu(x, approximate=False)),
+    'tanh': jax.checkpoint(lambda x: nn.gelu(x, approximate=True)),
+}
 
 
 def _layer_norm(dtype, name=None):
@@ -285,7 +296,7 @@ class Block(nn.Module):
     x = x + y * scale(0, not self.cls_only)
     y = _layer_norm(cfg.dtype, 'norm2')(x)
     y = _dense(cfg.mlp_dim, ('embed', 'mlp'), cfg, 'mlp_in')(y)
-    y = _gelu(y)
+    y = GELUS[cfg.gelu](y)
     y = nn.with_logical_constraint(y, ('batch', 'seq', 'mlp'))
     y = _dense(cfg.width, ('mlp', 'embed'), cfg, 'mlp_out')(y)
     x = nn.with_logical_constraint(x + y * scale(1, not self.cls_only), ('batch', 'seq', 'embed'))
@@ -312,7 +323,9 @@ class ViT(nn.Module):
   """ViT encoder.
 
   images: (B, H, W, C) with H == W a multiple of the patch size; returns a dict
-    'cls': final-LayerNorm CLS token (B, D), the input of the projector;
+    'cls': final-LayerNorm CLS token (B, D), the input of the projector (of the head, if any);
+    'head': with head_dim > 0 only, the linear head on 'cls' (B, head_dim), timm's
+      classifier head, the projector's input then;
     'probe_features': CLS tokens of the last two blocks concatenated (B, 2D),
       the frozen-evaluation features (paper's probe protocol).
   Or several views of each image, a sequence of arrays (B, V_i, H_i, W_i, C) (e.g. global
@@ -395,4 +408,11 @@ class ViT(nn.Module):
     last_two = cls_per_layer[-2:] if cfg.depth > 1 else jnp.concatenate([cls_per_layer] * 2)
     probe_features = jnp.concatenate([last_two[0], last_two[1]], axis=-1)
     out = {'cls': x.astype(jnp.float32), 'probe_features': probe_features.astype(jnp.float32)}
+    if cfg.head_dim:
+      out['head'] = nn.Dense(
+          cfg.head_dim, dtype=cfg.dtype, name='head',
+          kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
+                                                   ('embed', None)),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))(
+              x).astype(jnp.float32)
     return jax.tree.map(lambda a: a[:, 0], out) if single else out
