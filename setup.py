@@ -26,6 +26,10 @@ setup(
         'test': ['pytest>=8', 'chex>=0.1.90', 'portpicker'],
         # benchmarks/sigreg.py compares against the reference algorithm in PyTorch.
         'bench': ['torch==2.13.0'],
+        # tests/test_timm.py holds our ViT against timm's, the authors' ViT library. timm
+        # imports torchvision, and only a matching torch/torchvision pair imports together
+        # (PyPI's builds; about 5.5 GB with CUDA libraries, run on the CPU here).
+        'reference': ['torch==2.14.1', 'torchvision==0.29.1', 'timm==1.0.31'],
         # python -m lejepa_jax.plan compiles for TPU slices with libtpu's compile-only devices
         # (no TPU needed); gcsfs lets etils.epath reach gs:// without TensorFlow;
         # google-cloud-storage lets tensorboardX write event files to gs://.

@@ -1,7 +1,6 @@
 """ViT-H/14 on ImageNet-1k: the paper's headline, 79% frozen linear probe (abstract).
 
-Table 1 settings (REFERENCE.md): lambda 0.05, 2 x 224 px + 6 x 98 px views, 1024 slices,
-17 knots, AdamW lr 5e-4, weight decay 0.05, bf16; the same recipe as configs/vitg.py.
+The same recipe as configs/vitg.py; configs/RECIPES.md gives every value's source.
   python -m lejepa_jax.plan --config=configs/vith14.py --topology=v5p-64
   launch/tpu_pod.sh TPU_NAME ZONE gs://BUCKET/workdir configs/vith14.py
 Arguments: runlocal (toy size on a CPU), epochs=N (default 100).

@@ -130,9 +130,9 @@ KEYS: dict[str, tuple[bool, str]] = {
     'eval.max_examples': (OPTIONAL, 'cap per split: that many images drawn with `seed`, '
                                     'stratified by class where the labels are known without '
                                     'decoding (folders, Fashion-MNIST) [0: the full splits]'),
-    'eval.features': (OPTIONAL, "every evaluator's features unless it names its own: 'probe' "
-                                "(CLS of the last two blocks), 'embedding' (final CLS), 'head' "
-                                "or 'projection' ['': each evaluator's protocol, "
+    'eval.features': (OPTIONAL, "every evaluator's features, over its own: 'probe' (CLS of the "
+                                "last two blocks), 'embedding' (final CLS), 'head' or "
+                                "'projection' ['': each evaluator's own or its protocol's, "
                                 'evaluators/suite.py]'),
     # embedding diagnostics (lejepa_jax/diagnostics.py) and plots
     'diagnostics.every': (OPTIONAL, 'steps between embedding diagnostics (RankMe, spectrum, '

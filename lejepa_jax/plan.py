@@ -468,7 +468,8 @@ def assess(config, devices, *, total_steps: int, usable: int, sizes=None,
         if (n, dim) not in by_size:
           by_size[n, dim] = [features_lib.abstract_features(k, e.batch_size, dim, mesh)
                              for k in n]
-        jobs += suite.programs(spec, *by_size[n, dim], config.data.num_classes, mesh=mesh)
+        jobs += suite.programs(spec, *by_size[n, dim], config.data.num_classes, mesh=mesh,
+                               probe=variables['params']['probe'])
       if by_size:        # resident during evaluation: all kinds of the largest extraction
         n = max((n for n, _ in by_size), key=sum)
         total = sum(dims[k] for k in kinds)

@@ -1,13 +1,19 @@
-"""Every config has the keys DESIGN.md fixes; the pod config builds the 1.8B ViT-g."""
+"""Every config has the fixed keys; the paper configs follow configs/RECIPES.md, value by value;
+the pod config builds the 1.8B ViT-g."""
+import ast
 import functools
+import math
+import os
+import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import fmnist, imagenette_vits8, vith14, vitl14, vitg
-from lejepa_jax import models, train
+from lejepa_jax import config_schema, models, train
 
 REQUIRED = ('seed', 'batch_size', 'lamb', 'sigreg.num_slices', 'sigreg.t_max',
             'sigreg.num_points', 'sigreg.statistic', 'sigreg.quadrature', 'data.name', 'data.dir',
@@ -45,38 +51,118 @@ def test_vitg_is_the_paper_scale_model_and_steps_follow_epochs():
     vitg.get_config('runlokal')
 
 
-@pytest.mark.parametrize('module,variant,patch', [(vitg, 'g', 14), (vith14, 'H', 14),
-                                                   (vitl14, 'L', 14)])
-def test_imagenet_configs_use_the_papers_recipe(module, variant, patch):
-  """REFERENCE.md's settings, not the Fashion-MNIST ones the pod config once inherited."""
-  c = module.get_config()
-  assert (c.model.variant, c.model.patch_size, c.model.dtype) == (variant, patch, 'bfloat16')
-  assert c.lamb == 0.05 and c.loss_convention == 'convex'
-  assert (c.sigreg.num_slices, c.sigreg.num_points, c.sigreg.t_max) == (1024, 17, 3.0)
-  d = c.data
-  assert (d.num_global_views, d.global_size, tuple(d.global_scale)) == (2, 224, (0.3, 1.0))
-  assert (d.num_local_views, d.local_size, tuple(d.local_scale)) == (6, 98, (0.05, 0.3))
-  a = d.augment
-  assert (a.flip_prob, a.jitter_prob, a.grayscale_prob, a.blur_prob, a.solarize_prob) == \
-      (0.5, 0.8, 0.2, 0.5, 0.2)
-  assert (a.brightness, a.contrast, a.saturation, a.hue) == (0.4, 0.4, 0.2, 0.1)
-  assert tuple(d.mean) == (0.485, 0.456, 0.406) and tuple(d.std) == (0.229, 0.224, 0.225)
-  o = c.optim
-  assert o.lr == 5e-4 and o.weight_decay == 0.05 and not o.clip_norm   # no batch scaling
-  assert c.model.projector_out == 64
-  assert c.evals.linear_probe.weight_decay == 1e-6
-  # The pipeline built from the config carries those values through.
+RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       'configs', 'RECIPES.md')
+PAPER_CONFIGS = {'vitl14': vitl14, 'vith14': vith14, 'vitg': vitg,
+                 'imagenette_vits8': imagenette_vits8}
+_ROW = re.compile(r'^\| `([^`]+)` \| `([^`]*)` \| (.+) \|$')
+
+
+def recipe_table() -> dict:
+  """{config name: {key: (value, source)}} from configs/RECIPES.md: rows of the tables under
+  each `<!-- applies: NAMES -->` marker hold for those configs."""
+  tables = {name: {} for name in PAPER_CONFIGS}
+  applies = ()
+  for line in open(RECIPES).read().splitlines():
+    marker = re.match(r'<!-- applies: (.+) -->', line.strip())
+    if marker:
+      applies = marker.group(1).split()
+      assert set(applies) <= set(PAPER_CONFIGS), applies
+      continue
+    if line.startswith('#'):
+      applies = ()
+    row = _ROW.match(line.strip())
+    if row and applies:
+      key, value, source = row.groups()
+      for name in applies:
+        assert key not in tables[name], f'{key} twice for {name}'
+        tables[name][key] = (ast.literal_eval(value), source.strip())
+  return tables
+
+
+def config_values(config) -> dict:
+  """{dotted key: value} of a config, evaluators flattened to evals.NAME.OPTION."""
+  out = {}
+  for key in config_schema.flatten(config):
+    node = config
+    for part in key.split('.'):
+      node = node[part]
+    if key == 'evals':
+      for name, entry in node.items():
+        for option, value in entry.items():
+          out[f'evals.{name}.{option}'] = value
+    else:
+      out[key] = dict(node) if key in config_schema.FREE_FORM else node
+  return out
+
+
+def _same(a, b) -> bool:
+  if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+  if isinstance(a, dict) and isinstance(b, dict):
+    return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+  if isinstance(a, float) or isinstance(b, float):
+    return isinstance(a, (int, float)) and isinstance(b, (int, float)) and \
+        math.isclose(a, b, rel_tol=1e-12)
+  return a == b and type(a) is type(b)
+
+
+@pytest.mark.parametrize('name', sorted(PAPER_CONFIGS))
+def test_paper_configs_follow_the_recipe_table(name):
+  """Every key of the paper configs is in configs/RECIPES.md with a source, and the config
+  holds the table's value (the table is written from the authors' sources)."""
+  table = recipe_table()[name]
+  values = config_values(PAPER_CONFIGS[name].get_config())
+  missing = sorted(set(values) - set(table))
+  assert not missing, f'configs/{name}.py keys without a row in RECIPES.md: {missing}'
+  extra = sorted(set(table) - set(values))
+  assert not extra, f'RECIPES.md rows for {name} that the config lacks: {extra}'
+  wrong = {k: (values[k], table[k][0]) for k in table if not _same(values[k], table[k][0])}
+  assert not wrong, f'configs/{name}.py differs from RECIPES.md (config, table): {wrong}'
+  for key, (_, source) in table.items():
+    assert len(source) > 5, f'{key}: no source'
+
+
+def test_recipe_values_reach_the_programs():
+  """What the table fixes is what the run builds: the pipeline's augmentations, the schedule
+  (MINIMAL.md's LinearLR + CosineAnnealingLR, in torch's closed form), the decay mask, the
+  timm-shaped encoder with its 512-d head, the online probe on that head."""
+  from lejepa_jax import optim
   from lejepa_jax.data import pipeline
-  spec = pipeline.augment_spec(c.data)
-  assert (spec.blur_prob, spec.solarize_prob, spec.solarize_threshold) == (0.5, 0.2, 0.5)
-
-
-def test_minimal_recipe_config():
   c = imagenette_vits8.get_config()
-  assert (c.model.variant, c.model.patch_size, c.data.global_size) == ('S', 8, 128)
-  assert (c.lamb, c.optim.lr, c.batch_size, c.sigreg.num_slices) == (0.02, 2e-3, 256, 256)
-  assert c.data.num_global_views + c.data.num_local_views == 4 and c.model.projector_out == 16
-  assert c.epochs == 800 and c.data.name == 'tfds:imagenette'
+  spec = pipeline.augment_spec(c.data)
+  assert (spec.brightness, spec.contrast, spec.saturation, spec.hue) == (0.8, 0.8, 0.8, 0.2)
+  assert (spec.solarize_prob, spec.solarize_threshold, spec.blur_prob) == (0.1, 0.5, 0.5)
+  total, warmup = c.total_steps, c.optim.warmup_steps
+  lr = optim.schedule(c.optim.lr, total, warmup, end_lr=c.optim.end_lr,
+                      warmup_start_factor=c.optim.warmup_start_factor)
+  probe = optim.schedule(c.optim.probe_lr, total, warmup, end_lr=c.optim.end_lr,
+                         warmup_start_factor=c.optim.warmup_start_factor)
+
+  def torch_lr(base, step):   # SequentialLR(LinearLR(0.01, warmup), CosineAnnealingLR(eta_min))
+    if step < warmup:
+      return base * (0.01 + 0.99 * step / warmup)
+    t = (step - warmup) / (total - warmup)
+    return 1e-3 + (base - 1e-3) * (1 + math.cos(math.pi * t)) / 2
+  for step in (0, 1, 17, 35, 36, 100, 14400, total - 1, total):
+    assert math.isclose(float(lr(step)), torch_lr(2e-3, step), rel_tol=1e-5), step
+    assert math.isclose(float(probe(step)), torch_lr(1e-3, step), rel_tol=1e-5), step
+  model = models.build_model(c)
+  assert model.encoder.head_dim == 512 and model.online_probe_input == 'embedding'
+  g = jnp.zeros((1, 4, 128, 128, 3))
+  params = nn.unbox(jax.eval_shape(functools.partial(model.init, train=False),
+                                   jax.random.key(0), g, None)['params'])
+  assert params['encoder']['head']['kernel'].shape == (384, 512)
+  assert params['projector']['dense_0']['kernel'].shape == (512, 2048)
+  assert params['probe']['norm']['scale'].shape == (512,)
+  # Weight decay on every parameter (torch's AdamW on net.parameters()), or kernels only.
+  tx = optim.adamw(1.0, 10, 0, 0.5, weight_decay_on='all')
+  ones = {'norm': {'scale': jnp.ones(3)}, 'dense': {'kernel': jnp.ones(3)}}
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, ones), tx.init(ones), ones)
+  assert all(float(u[0]) < 0 for u in jax.tree.leaves(updates))
+  tx = optim.adamw(1.0, 10, 0, 0.5, weight_decay_on='kernels')
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, ones), tx.init(ones), ones)
+  assert float(updates['norm']['scale'][0]) == 0 and float(updates['dense']['kernel'][0]) < 0
 
 
 @pytest.mark.parametrize('module', [vitg, vith14, vitl14])

@@ -27,6 +27,7 @@ def run(tmp_path_factory):
   """A finished runlocal run: 20 steps, a k-NN curve every 10 steps, the full suite at the end."""
   c = fmnist.get_config('runlocal')
   c.eval.max_examples = 1000
+  c.evals.online_probe = dict(type='online_probe', every=10)
   workdir = str(tmp_path_factory.mktemp('run'))
   results = train.train_and_evaluate(c, workdir, devices=jax.devices()[:4])
   return c, workdir, results
@@ -44,6 +45,8 @@ def test_training_runs_the_evaluators_periodically_and_at_the_end(run):
   lines = _lines(workdir)
   curve = [l['step'] for l in lines if 'eval/knn_curve_top1' in l]
   assert curve == [10, 20]                 # every=10 during training, and at the end
+  online = [l['eval/online_probe_top1'] for l in lines if 'eval/online_probe_top1' in l]
+  assert len(online) == 2 and all(0.0 <= a <= 1.0 for a in online)
   final = lines[-1]
   assert final['step'] == c.total_steps
   for key in ('eval/linear_probe_top1', 'eval/knn_top1', 'eval/knn_k10_top1',

@@ -267,3 +267,69 @@ def test_two_processes_each_holding_half_give_the_single_process_result():
     assert r['knn_top1'] == single['knn_top1']
     assert r['linear_probe_top1'] == pytest.approx(single['linear_probe_top1'], abs=1 / 90)
     assert r['linear_probe_lr'] == single['linear_probe_lr'] == 3e-2
+
+
+@pytest.mark.parametrize('mesh_name', ['8dev', '1dev'])
+def test_online_probe_is_the_trained_head_on_the_test_split_against_numpy(mesh_name):
+  """The head's argmax accuracy over the real test rows (padding rows never count)."""
+  from lejepa_jax.evaluators import online_probe
+  mesh = _mesh(mesh_name)
+  rng = np.random.default_rng(4)
+  _, test = _probe_data(mesh, rng)
+  params = {'norm': {'scale': rng.normal(size=12).astype(np.float32),
+                     'bias': rng.normal(size=12).astype(np.float32)},
+            'head': {'kernel': rng.normal(size=(12, 3)).astype(np.float32),
+                     'bias': rng.normal(size=3).astype(np.float32)}}
+  x, y = _flat(test)
+  want = np.mean((np.argmax(_layernorm_dense_numpy(params, x), -1) == y)[y >= 0])
+  got = online_probe.evaluate(None, test, 3, mesh=mesh, probe=params)
+  assert got == {'online_probe_top1': pytest.approx(want, abs=1e-9)}
+  assert 0.2 < want < 0.9          # a head that is neither all right nor all wrong
+
+
+def test_evaluators_read_their_protocols_features_unless_told_otherwise():
+  from configs import fmnist
+  from lejepa_jax.evaluators import suite
+  c = fmnist.get_config('runlocal')
+  c.evals = {'probe': {'type': 'linear_probe'}, 'knn': {'type': 'knn'},
+             'knn_probe': {'type': 'knn', 'features': 'probe'}, 'shots': {'type': 'fewshot'},
+             'online': {'type': 'online_probe'}}
+  kinds = {s.name: (suite.feature_kind(c, s), suite.metric_prefix(c, s)) for s in suite.specs(c)}
+  assert kinds == {'probe': ('probe', 'eval/'), 'knn': ('embedding', 'eval/'),
+                   'knn_probe': ('probe', 'eval/'), 'shots': ('embedding', 'eval/'),
+                   'online': ('probe', 'eval/')}
+  c.eval.features = 'projection'   # a re-evaluation on other features: marked, never mixed up
+  kinds = {s.name: (suite.feature_kind(c, s), suite.metric_prefix(c, s)) for s in suite.specs(c)}
+  assert kinds['probe'] == ('projection', 'eval/projection/')
+  assert kinds['knn'] == kinds['knn_probe'] == ('projection', 'eval/projection/')
+  assert kinds['online'] == ('probe', 'eval/')
+  c.eval.features = 'probe'
+  kinds = {s.name: (suite.feature_kind(c, s), suite.metric_prefix(c, s)) for s in suite.specs(c)}
+  assert kinds['probe'] == kinds['knn_probe'] == ('probe', 'eval/')
+  assert kinds['knn'] == ('probe', 'eval/probe/')
+  c.model.embedding_dim, c.model.online_probe_input = 16, 'embedding'
+  assert suite.feature_kind(c, suite.specs(c, ['online'])[0]) == 'head'
+
+
+def test_one_encoder_pass_gives_every_kind_of_features_concatenated():
+  from configs import fmnist
+  from lejepa_jax import steps
+  c = fmnist.get_config('runlocal')
+  c.model.embedding_dim = 24
+  mesh = sharding_lib.make_mesh({'data': -1})
+  programs = steps.build(c, mesh, 1)
+  state = programs.init(np.int32(0))
+  images = jax.device_put(np.random.default_rng(0).normal(size=(8, 28, 28, 1)).astype(np.float32),
+                          sharding_lib.batch_sharding(mesh))
+  v = steps.variables(state)
+  kinds = ('embedding', 'probe', 'head', 'projection')
+  together = np.asarray(programs.features_of(kinds)(v, images))
+  alone = [np.asarray(programs.features_of((k,))(v, images)) for k in kinds]
+  dims = steps.feature_dims(programs.model)
+  assert [a.shape[1] for a in alone] == [dims[k] for k in kinds] == [64, 128, 24, 16]
+  np.testing.assert_allclose(together, np.concatenate(alone, axis=1), rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(alone[1], np.asarray(programs.features(v, images)))
+  # The head is the linear map of the final CLS, the projector reads the head.
+  head = state.params['encoder']['head']
+  np.testing.assert_allclose(alone[2], alone[0] @ np.asarray(head['kernel']) +
+                             np.asarray(head['bias']), rtol=1e-5, atol=1e-5)

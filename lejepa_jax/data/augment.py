@@ -38,7 +38,7 @@ class ViewSpec:
 
 @dataclasses.dataclass(frozen=True)
 class AugmentSpec:
-  """Photometric settings shared by all views (REFERENCE.md defaults)."""
+  """Photometric settings shared by all views (defaults: the authors' README recipe, configs/RECIPES.md)."""
   flip_prob: float = 0.5
   jitter_prob: float = 0.8
   brightness: float = 0.4

@@ -22,9 +22,10 @@ those of the protocol it follows (PROTOCOL_FEATURES): the linear probe the paper
 concatenated CLS tokens of the last two blocks ('probe'; the authors' README), k-NN and
 few-shot the final-LayerNorm CLS token ('embedding'; DINO's k-NN protocol, Caron et al. 2021,
 section 4.1 / their eval_knn.py, which L2-normalises it, as knn.py and fewshot.py do).
-`eval.features` set to a kind makes it every evaluator's default; an evaluator's own
-`features` wins over both. Results read from other features than the protocol's are logged
-as eval/KIND/NAME_KEY, so they are never mixed up with the protocol's figures.
+An evaluator's own `features` option overrides its protocol's; `eval.features` set to a kind
+overrides both for every evaluator (a re-evaluation on other features), and the results it
+moves off an evaluator's own features are logged as eval/KIND/NAME_KEY, never mixed up with
+the usual ones. The online probe always reads what it was trained on.
 Evaluators due at the same step with the same cap share one feature extraction (one encoder
 pass yields every kind they need).
 """
@@ -45,6 +46,7 @@ from lejepa_jax.evaluators import features as features_lib
 from lejepa_jax.evaluators import fewshot
 from lejepa_jax.evaluators import knn
 from lejepa_jax.evaluators import linear_probe
+from lejepa_jax.evaluators import online_probe
 
 # type -> (evaluate function, its options with their defaults)
 TYPES: dict[str, tuple[Any, dict]] = {
@@ -54,10 +56,21 @@ TYPES: dict[str, tuple[Any, dict]] = {
     'knn': (knn.evaluate, dict(k=20, ks=(), temperature=0.07, chunk=1024)),
     'fewshot': (fewshot.evaluate, dict(
         shots=(1, 5, 10, 25), seeds=3, l2_regs=(1e-3, 1e-2, 1e-1, 1.0, 10.0), val_examples=1000)),
+    # The head trained online during pretraining, on the test split (reads no training split).
+    'online_probe': (online_probe.evaluate, {}),
 }
+# Types that read only the test split's features.
+TEST_ONLY = frozenset({'online_probe'})
 COMMON = ('type', 'every', 'max_examples', 'features')
 # type -> the features of the protocol it follows (see the module docstring).
 PROTOCOL_FEATURES = {'linear_probe': 'probe', 'knn': 'embedding', 'fewshot': 'embedding'}
+
+
+def online_probe_kind(config) -> str:
+  """The features the online probe is trained on (models.ONLINE_PROBE_INPUTS)."""
+  if config.model.get('online_probe_input', 'probe') == 'probe':
+    return 'probe'
+  return 'head' if config.model.get('embedding_dim', 0) else 'embedding'
 # What a config without `evals` gets: the paper's frozen protocol at the end of training.
 DEFAULT_EVALS = {'linear_probe': {'type': 'linear_probe'}, 'knn': {'type': 'knn'}}
 
@@ -71,15 +84,24 @@ class Spec(NamedTuple):
   features: str = ''    # a kind of steps.FEATURE_KINDS ('': the protocol's)
 
 
+def own_features(spec: Spec) -> str:
+  """The features `spec` reads by its own configuration: its `features`, else its protocol's."""
+  return spec.features or PROTOCOL_FEATURES.get(spec.type, '')
+
+
 def feature_kind(config, spec: Spec) -> str:
-  """The features `spec` reads: its own, else eval.features, else its protocol's."""
-  return spec.features or config.eval.get('features') or PROTOCOL_FEATURES[spec.type]
+  """The features `spec` reads: eval.features when set (a re-evaluation on other features),
+  else its own (own_features). The online probe always reads those it was trained on."""
+  if spec.type == 'online_probe':
+    return online_probe_kind(config)
+  return config.eval.get('features') or own_features(spec)
 
 
 def metric_prefix(config, spec: Spec) -> str:
-  """'eval/' for the protocol's features, 'eval/KIND/' for any other."""
+  """'eval/' for the evaluator's own features, 'eval/KIND/' when eval.features moved it to
+  another KIND, so such figures are never mixed up with its usual ones."""
   kind = feature_kind(config, spec)
-  return 'eval/' if kind == PROTOCOL_FEATURES[spec.type] else f'eval/{kind}/'
+  return 'eval/' if spec.type == 'online_probe' or kind == own_features(spec) else f'eval/{kind}/'
 
 
 def _entries(config) -> dict:
@@ -142,10 +164,13 @@ def cap(config, spec: Spec) -> int:
   return spec.max_examples or config.eval.get('max_examples', 0) or 0
 
 
-def programs(spec: Spec, train, test, num_classes: int, *, mesh) -> list:
-  """[(name, jitted fn, abstract args)] of one evaluator, for `plan`'s ahead-of-time compile."""
-  module = {'linear_probe': linear_probe, 'knn': knn, 'fewshot': fewshot}[spec.type]
-  jobs = module.programs(train, test, num_classes, mesh=mesh, **spec.options)
+def programs(spec: Spec, train, test, num_classes: int, *, mesh, probe=None) -> list:
+  """[(name, jitted fn, abstract args)] of one evaluator, for `plan`'s ahead-of-time compile
+  (probe: the online probe's abstract parameters, for an online_probe evaluator)."""
+  module = {'linear_probe': linear_probe, 'knn': knn, 'fewshot': fewshot,
+            'online_probe': online_probe}[spec.type]
+  extra = {'probe': probe} if spec.type == 'online_probe' else {}
+  jobs = module.programs(train, test, num_classes, mesh=mesh, **spec.options, **extra)
   if spec.name == spec.type:
     return jobs
   return [(f'{spec.name}:{name}', fn, args) for name, fn, args in jobs]
@@ -176,14 +201,16 @@ class Runner:
     source = self._sources[split]
     return sources.sample(source, cap, seed=self.config.seed) if cap else source
 
-  def features(self, variables, cap: int, should_stop=None, kinds: tuple | None = None):
+  def features(self, variables, cap: int, should_stop=None, kinds: tuple | None = None,
+               test_only: bool = False):
     """(train, test) Features of `cap` images of each split (0: all), see `capped`: the
-    kinds given concatenated (default: Programs.features, i.e. eval.features)."""
+    kinds given concatenated (default: Programs.features, i.e. eval.features). test_only:
+    the training split is skipped (None)."""
     e, d = self.config.eval, self.config.data
     program = self.programs.features_of(tuple(kinds)) if kinds else self.programs.features
     feed = sharding_lib.batch_feed(self.programs.mesh)
-    out = []
-    for split in (d.train_split, d.test_split):
+    out = [None] if test_only else []
+    for split in (d.test_split,) if test_only else (d.train_split, d.test_split):
       source = self.capped(split, cap)
       logging.info('extracting features: %s (%d images)', split, len(source))
       batches = pipeline.eval_batches(source, d, local_batch_size=e.batch_size // feed.count,
@@ -209,20 +236,25 @@ class Runner:
     for spec in sorted(run_specs, key=lambda s: cap(self.config, s)):
       n = cap(self.config, spec)
       if n not in cached:
-        kinds = tuple(dict.fromkeys(feature_kind(self.config, s) for s in run_specs
-                                    if cap(self.config, s) == n))
-        cached = {n: (kinds, self.features(variables, n, should_stop, kinds))}  # one alive
+        group = [s for s in run_specs if cap(self.config, s) == n]
+        kinds = tuple(dict.fromkeys(feature_kind(self.config, s) for s in group))
+        test_only = all(s.type in TEST_ONLY for s in group)
+        cached = {n: (kinds, self.features(variables, n, should_stop, kinds,   # one alive
+                                           test_only=test_only))}
       kinds, (train, test) = cached[n]
       kind = feature_kind(self.config, spec)
       start = sum(dims[k] for k in kinds[:kinds.index(kind)])
       if len(kinds) > 1:
-        train, test = (features_lib.columns(f, start, start + dims[kind]) for f in (train, test))
+        train, test = (f if f is None else features_lib.columns(f, start, start + dims[kind])
+                       for f in (train, test))
       prefix = metric_prefix(self.config, spec)
+      extra = {'probe': variables['params']['probe']} if spec.type == 'online_probe' else {}
       if should_stop is not None and should_stop():
         raise preemption.NoticeDuringEvaluation(f'before evaluator {spec.name}')
       evaluate = TYPES[spec.type][0]
       t = time.perf_counter()
-      out = evaluate(train, test, num_classes, mesh=mesh, seed=self.config.seed, **spec.options)
+      out = evaluate(train, test, num_classes, mesh=mesh, seed=self.config.seed, **spec.options,
+                     **extra)
       for key, value in out.items():
         key = key[len(spec.type) + 1:] if key.startswith(spec.type + '_') else key
         results[f'{prefix}{spec.name}_{key}'] = float(value)
