@@ -273,7 +273,10 @@ def model_flops(config, encoder, params: int) -> tuple[float, int]:
           [(d.local_size // encoder.patch_size) ** 2 + 1 + encoder.num_registers]
           * d.num_local_views)
   tokens = sum(seqs)
-  per_image = 6 * params * tokens + 12 * encoder.depth * encoder.width * sum(s * s for s in seqs)
+  # The linear head (model.embedding_dim) runs on one CLS token per view, not on every token.
+  head = encoder.head_dim * (encoder.width + 1)
+  per_image = (6 * (params - head) * tokens + 6 * head * len(seqs) +
+               12 * encoder.depth * encoder.width * sum(s * s for s in seqs))
   return float(config.batch_size * per_image), tokens
 
 

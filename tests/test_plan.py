@@ -37,7 +37,7 @@ def _plan(*args, timeout=300):
 
 
 def _vit_params(w, depth, mlp, patch, image, channels, registers=0):
-  """Closed-form parameter count of models.vit.ViT."""
+  """Closed-form parameter count of models.vit.ViT without a linear head."""
   block = (2 * w +                      # norm1
            w * 3 * w + 3 * w +          # qkv kernel + bias
            w * w + w +                  # out projection
@@ -116,12 +116,14 @@ def test_report_on_simulated_devices_matches_closed_forms():
   assert r['mesh'] == {'data': 1, 'fsdp': 8, 'tensor': 1}
   assert r['remat'] == m.remat and r['batch_per_chip'] == c.batch_size // 8
   params = _vit_params(m.width, m.depth, m.mlp_dim, m.patch_size, d.global_size, d.channels)
-  assert r['params'] == params
-  # model flops: batch x (6 P T + 12 L w sum seq^2)
+  head = m.embedding_dim * (m.width + 1)       # the linear head on the final CLS
+  assert head > 0 and r['params'] == params + head
+  # model flops: batch x (6 P T + 6 head views + 12 L w sum seq^2)
   seqs = ([(d.global_size // m.patch_size) ** 2 + 1] * d.num_global_views +
           [(d.local_size // m.patch_size) ** 2 + 1] * d.num_local_views)
   assert r['tokens_per_image'] == sum(seqs)
-  expected = c.batch_size * (6 * params * sum(seqs) + 12 * m.depth * m.width * sum(s * s for s in seqs))
+  expected = c.batch_size * (6 * params * sum(seqs) + 6 * head * len(seqs) +
+                             12 * m.depth * m.width * sum(s * s for s in seqs))
   assert r['model_flops_per_step'] == pytest.approx(expected, rel=1e-12)
   # compiled flops include the backward pass, the projector, SIGReg and the full remat
   # recomputation: above the model count, within a small factor of it
