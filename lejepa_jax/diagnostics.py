@@ -98,20 +98,14 @@ def embedding_stats(x: jax.Array, key: jax.Array, *, num_slices: int = 256, t_ma
   return scalars, arrays
 
 
-def _emb_and_proj(module, images):
-  """CLS embedding (B, D) and projector output (B, K) in train mode (batch statistics)."""
-  emb = module.vit(images)['cls']
-  return emb, module.projector(emb, train=True)
-
-
 def make_fn(model, mesh, *, num_slices: int = 256, t_max: float = 3.0, num_points: int = 17,
             num_qq_slices: int = 4):
   """Jitted fn(variables, images, key) -> (scalars, arrays) on `mesh`.
 
   variables: {'params', 'batch_stats'} (`steps.variables(state)`); images: (B, H, W, C),
   batch-sharded (`sharding.batch_sharding(mesh)`); key: a PRNG key (pass the same one
-  every time to compare steps on the same slices). Keys: 'emb_*' for the backbone's CLS
-  token (the projector's input), 'proj_*' for the projector output (what SIGReg sees),
+  every time to compare steps on the same slices). Keys: 'emb_*' for the projector's input
+  (the linear head's output, or the final CLS token), 'proj_*' for the projector output (what SIGReg sees),
   see `embedding_stats`. The projector runs with train-mode BatchNorm (statistics of this
   batch, as in the loss); the batch-statistics update is discarded, so nothing changes.
   Outputs are replicated. Call (trace) it inside `sharding.activate(mesh)`.
@@ -120,7 +114,7 @@ def make_fn(model, mesh, *, num_slices: int = 256, t_max: float = 3.0, num_point
                 num_qq_slices=num_qq_slices)
 
   def fn(variables, images, key):
-    (emb, proj), _ = model.apply(variables, images, method=_emb_and_proj,
+    (emb, proj), _ = model.apply(variables, images, method=type(model).embed_and_project,
                                  mutable=['batch_stats'])   # the update is dropped
     emb_key, proj_key = jax.random.split(key)
     scalars, arrays = {}, {}

@@ -423,6 +423,7 @@ def assess(config, devices, *, total_steps: int, usable: int, sizes=None,
   """Builds the run's programs on `devices` and compiles them; never raises for OOM/sharding."""
   import jax
   from lejepa_jax import sharding as sharding_lib
+  from lejepa_jax import models
   from lejepa_jax import steps
   mesh_sizes = _resolved_mesh(config, devices)
   dp = mesh_sizes['data'] * mesh_sizes['fsdp']
@@ -462,7 +463,7 @@ def assess(config, devices, *, total_steps: int, usable: int, sizes=None,
     if sizes:
       from lejepa_jax.evaluators import features as features_lib
       e = config.eval
-      dims = steps.feature_dims(programs.model)
+      dims = models.feature_dims(programs.model)
       by_size = {}       # evaluators with the same cap share one feature extraction
       for spec in all_specs:
         cap = suite.cap(config, spec)

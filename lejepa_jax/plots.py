@@ -308,6 +308,13 @@ def write_plots(workdir) -> list[str]:
   return written
 
 
+def define_flags() -> None:
+  # Called when run, not at import: lejepa_jax.main and scripts importing this module have
+  # their own --workdir.
+  flags.DEFINE_string('workdir', None, 'Run directory holding metrics.jsonl.')
+  flags.mark_flag_as_required('workdir')
+
+
 def main(argv):
   del argv
   for path in write_plots(flags.FLAGS.workdir):
@@ -315,8 +322,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  # Defined here, not at import: lejepa_jax.main and scripts importing this module have
-  # their own --workdir.
-  flags.DEFINE_string('workdir', None, 'Run directory holding metrics.jsonl.')
-  flags.mark_flag_as_required('workdir')
+  define_flags()
   app.run(main)

@@ -156,39 +156,9 @@ def _unbox(tree):
                       else x, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-# Feature kinds the frozen evaluators can read (eval.features, or an evaluator's `features`):
-FEATURE_KINDS = {
-    'probe': 'CLS tokens of the last two blocks, concatenated, before the final LayerNorm (the '
-             "paper's linear-probe features)",
-    'embedding': "the final-LayerNorm CLS token (DINO's k-NN features; timm's pooled output)",
-    'head': 'the linear head on the final CLS (model.embedding_dim > 0; the projector input)',
-    'projection': 'the projector output (BatchNorm with its running statistics)',
-}
-FEATURES = FEATURE_KINDS   # the names eval.features accepts
-
-
-def _features(module, images, kinds: tuple):
-  """The features of `kinds`, concatenated in that order, from one encoder pass."""
-  enc = module.vit(images)
-  parts = {'probe': lambda: enc['probe_features'], 'embedding': lambda: enc['cls'],
-           'head': lambda: enc['head'],
-           'projection': lambda: module.projector(models.embedding(enc), train=False)}
-  out = [parts[k]() for k in kinds]
-  return out[0] if len(out) == 1 else jnp.concatenate(out, axis=-1)
-
-
-def feature_dims(model) -> dict[str, int]:
-  """Width of each feature kind for `model` (a LeJEPAModel)."""
-  enc = model.encoder
-  dims = {'probe': 2 * enc.width, 'embedding': enc.width, 'projection': model.projector_out}
-  if enc.head_dim:
-    dims['head'] = enc.head_dim
-  return dims
-
-
 def feature_dim(config, model) -> int:
   """Width of the features `Programs.features` returns for config.eval.features."""
-  return feature_dims(model)[config.eval.get('features') or 'probe']
+  return models.feature_dims(model)[config.eval.get('features') or 'probe']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,12 +208,12 @@ def build(config, mesh, total_steps: int) -> Programs:
 
   @functools.lru_cache(maxsize=None)
   def features_of(kinds: tuple):
-    unknown = [k for k in kinds if k not in feature_dims(model)]
+    unknown = [k for k in kinds if k not in models.feature_dims(model)]
     if unknown:
-      raise ValueError(f'features {unknown}: this model has {sorted(feature_dims(model))} '
+      raise ValueError(f'features {unknown}: this model has {sorted(models.feature_dims(model))} '
                        "('head' needs model.embedding_dim > 0)")
-    method = functools.partial(_features, kinds=tuple(kinds))
-    return jax.jit(lambda variables, images: model.apply(variables, images, method=method),
+    return jax.jit(lambda variables, images: model.apply(variables, images, tuple(kinds),
+                                                         method=models.LeJEPAModel.features),
                    in_shardings=(variables(state_shardings), batch), out_shardings=batch)
 
   features = features_of((config.eval.get('features') or 'probe',))

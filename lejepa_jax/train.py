@@ -23,6 +23,7 @@ from lejepa_jax import config_schema
 from lejepa_jax import diagnostics
 from lejepa_jax import losses
 from lejepa_jax import metrics as metrics_lib
+from lejepa_jax import models
 from lejepa_jax import optim
 from lejepa_jax import plots
 from lejepa_jax import preemption
@@ -111,9 +112,9 @@ def validate(config) -> None:
     problems.append('checkpoint_every and log_every must be >= 1')
   if config.get('checkpoint_max_to_keep', 2) < 1 or config.get('checkpoint_keep_every', 0) < 0:
     problems.append('checkpoint_max_to_keep must be >= 1 and checkpoint_keep_every >= 0 (0: none)')
-  if (config.eval.get('features') or 'probe') not in steps.FEATURE_KINDS:
+  if (config.eval.get('features') or 'probe') not in models.FEATURE_KINDS:
     problems.append(f'eval.features={config.eval.features!r}: one of '
-                    f'{sorted(steps.FEATURE_KINDS)}')
+                    f'{sorted(models.FEATURE_KINDS)}')
   elif not config.model.get('embedding_dim', 0) and (
       config.eval.get('features') == 'head' or any(
           dict(e).get('features') == 'head' for e in (config.get('evals') or {}).values()

@@ -7,6 +7,7 @@ import pytest
 
 from configs import fmnist
 from lejepa_jax import diagnostics
+from lejepa_jax import models
 from lejepa_jax import sharding as sharding_lib
 from lejepa_jax import steps
 
@@ -129,7 +130,8 @@ def test_make_fn_on_sharded_mesh_matches_unsharded_numpy():
     scalars, arrays = jax.device_get(fn(variables, sharded, key))
   host_vars = jax.device_get(variables)
   # Unsharded reference: the same module, on host arrays, outside the mesh.
-  out, _ = jax.jit(lambda v, x: programs.model.apply(v, x, method=diagnostics._emb_and_proj,
+  method = models.LeJEPAModel.embed_and_project
+  out, _ = jax.jit(lambda v, x: programs.model.apply(v, x, method=method,
                                                     mutable=['batch_stats']))(host_vars, images)
   emb, proj = (np.asarray(a, np.float64) for a in out)
   assert emb.shape == (n, config.model.width) and proj.shape == (n, config.model.projector_out)

@@ -313,7 +313,7 @@ def test_evaluators_read_their_protocols_features_unless_told_otherwise():
 
 def test_one_encoder_pass_gives_every_kind_of_features_concatenated():
   from configs import fmnist
-  from lejepa_jax import steps
+  from lejepa_jax import models, steps
   c = fmnist.get_config('runlocal')
   c.model.embedding_dim = 24
   mesh = sharding_lib.make_mesh({'data': -1})
@@ -325,7 +325,7 @@ def test_one_encoder_pass_gives_every_kind_of_features_concatenated():
   kinds = ('embedding', 'probe', 'head', 'projection')
   together = np.asarray(programs.features_of(kinds)(v, images))
   alone = [np.asarray(programs.features_of((k,))(v, images)) for k in kinds]
-  dims = steps.feature_dims(programs.model)
+  dims = models.feature_dims(programs.model)
   assert [a.shape[1] for a in alone] == [dims[k] for k in kinds] == [64, 128, 24, 16]
   np.testing.assert_allclose(together, np.concatenate(alone, axis=1), rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(alone[1], np.asarray(programs.features(v, images)))

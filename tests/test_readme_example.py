@@ -1,4 +1,4 @@
-"""The README's 'LeJEPA in your own training loop' example runs, and its loss is ours."""
+"""docs/api.md's 'LeJEPA in your own training loop' example runs, and its loss is ours."""
 import contextlib
 import io
 import os
@@ -9,13 +9,14 @@ import numpy as np
 
 from lejepa_jax import losses
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md')
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'docs',
+                      'api.md')
 MARKER = '<!-- tested by tests/test_readme_example.py -->'
 
 
 def _example() -> str:
   text = open(README).read()
-  assert MARKER in text, 'the README lost its tested example'
+  assert MARKER in text, 'docs/api.md lost its tested example'
   block = re.search(r'```python\n(.*?)```', text[text.index(MARKER):], re.S)
   return block.group(1)
 

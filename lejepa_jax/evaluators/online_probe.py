@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lejepa_jax.evaluators import features as features_lib
 from lejepa_jax.models import heads
 
 

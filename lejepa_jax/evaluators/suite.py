@@ -17,7 +17,7 @@ Features, num_classes, *, mesh, seed, **options) -> {'TYPE_KEY': float}`, and it
 are logged as `eval/NAME_KEY` (so the evaluator named linear_probe writes
 eval/linear_probe_top1).
 
-Features (`features`, a kind of `steps.FEATURE_KINDS`): by default each evaluator reads
+Features (`features`, a kind of `models.FEATURE_KINDS`): by default each evaluator reads
 those of the protocol it follows (PROTOCOL_FEATURES): the linear probe the paper's
 concatenated CLS tokens of the last two blocks ('probe'; the authors' README), k-NN and
 few-shot the final-LayerNorm CLS token ('embedding'; DINO's k-NN protocol, Caron et al. 2021,
@@ -39,7 +39,7 @@ from absl import logging
 
 from lejepa_jax import preemption
 from lejepa_jax import sharding as sharding_lib
-from lejepa_jax import steps
+from lejepa_jax import models
 from lejepa_jax.data import pipeline
 from lejepa_jax.data import sources
 from lejepa_jax.evaluators import features as features_lib
@@ -81,7 +81,7 @@ class Spec(NamedTuple):
   every: int            # 0: only at the end (and in `evaluate`)
   max_examples: int     # 0: eval.max_examples
   options: dict
-  features: str = ''    # a kind of steps.FEATURE_KINDS ('': the protocol's)
+  features: str = ''    # a kind of models.FEATURE_KINDS ('': the protocol's)
 
 
 def own_features(spec: Spec) -> str:
@@ -134,8 +134,8 @@ def problems(config) -> list[str]:
     for key in ('every', 'max_examples'):
       if not isinstance(entry.get(key, 0), int) or entry.get(key, 0) < 0:
         out.append(f'evals.{name}.{key}={entry.get(key)!r} must be an integer >= 0')
-    if entry.get('features', 'probe') not in steps.FEATURE_KINDS:
-      out.append(f'evals.{name}.features={entry["features"]!r}: one of {sorted(steps.FEATURE_KINDS)}')
+    if entry.get('features', 'probe') not in models.FEATURE_KINDS:
+      out.append(f'evals.{name}.features={entry["features"]!r}: one of {sorted(models.FEATURE_KINDS)}')
   return out
 
 
@@ -230,7 +230,7 @@ class Runner:
     """
     results, cached = {}, {}
     num_classes, mesh = self.config.data.num_classes, self.programs.mesh
-    dims = steps.feature_dims(self.programs.model)
+    dims = models.feature_dims(self.programs.model)
     # Grouped by cap (stable: config order within a group): one extraction per cap, of every
     # kind of features the group reads, concatenated; each evaluator gets its columns.
     for spec in sorted(run_specs, key=lambda s: cap(self.config, s)):
