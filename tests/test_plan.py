@@ -179,14 +179,14 @@ def test_reason_weighs_state_against_activations():
   a = plan.Assessment(mesh={'data': 1, 'fsdp': 64, 'tensor': 1}, batch_size=2048,
                       batch_per_chip=32, remat='dots_no_batch', state_bytes=GiB // 2,
                       functions={'train_step': {'temporary': 44 * GiB, 'total': 45 * GiB}})
-  text = plan._advice(a, usable=30 * GiB)
+  text = plan.advice(a, usable=30 * GiB)
   assert '0.50 GiB per chip' in text and '44.00 GiB' in text and '32 images' in text
   assert 'activations dominate' in text and '--config.model.remat=full' in text
-  text = plan._advice(a, usable=GiB // 4)
+  text = plan.advice(a, usable=GiB // 4)
   assert 'state alone exceeds' in text and '>= 2x the chips' in text
   # the compiler's RESOURCE_EXHAUSTED message when nothing compiled
   a.functions = {}
-  text = plan._advice(a, 30 * GiB, 'the total memory required for HLO temporaries (44.36G) exceeds')
+  text = plan.advice(a, 30 * GiB, 'the total memory required for HLO temporaries (44.36G) exceeds')
   assert '44.36 GiB' in text
 
 
@@ -220,7 +220,7 @@ _TPU_SCRIPT = textwrap.dedent('''
     from configs import vitg
     from lejepa_jax import plan, sharding, steps
     topology = plan.parse_topology(sys.argv[1])
-    plan._libtpu_env(topology)
+    plan.libtpu_env(topology)
     jax.config.update('jax_platforms', 'cpu')
     try:
       devices = plan.tpu_devices(topology)
