@@ -31,6 +31,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from lejepa_jax import cli
+
 UNREADABLE = 'checkpoints_unreadable'
 POSITION = 'data_position'    # {'next_batch': int, 'global_batch_size': int}
 LEGACY_DATA = 'data'          # Grain's per-process iterator files (checkpoints before 2026-12)
@@ -111,10 +113,6 @@ def _all_processes_agree(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
-def _short(e: Exception, limit: int = 400) -> str:
-  text = f'{type(e).__name__}: {e}'.replace('\n', ' ')
-  return text if len(text) <= limit else text[:limit] + '...'
-
 
 def _set_aside(mngr: ocp.CheckpointManager, steps) -> None:
   """Moves unreadable checkpoints out of the manager's directory (a rerun saves those steps
@@ -176,7 +174,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
     except Exception as e:  # pylint: disable=broad-except  (any failure: try the one before)
       ok, error = False, e
     if not _all_processes_agree(ok):
-      reason = _short(error) if error else 'another process could not read it'
+      reason = cli.describe_error(error, 400) if error else 'another process could not read it'
       logging.warning('checkpoint %s is unreadable (%s); trying the one before it',
                       step_path(mngr, step), reason)
       unreadable.append((step, reason))

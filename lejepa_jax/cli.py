@@ -90,7 +90,7 @@ def accelerator_needs(config, cpu_devices: int) -> list[str]:
   try:
     fixed = math.prod(int(v) for v in mesh.values() if int(v) != -1)
   except (TypeError, ValueError):
-    fixed = 1   # a malformed mesh: train.validate names it
+    fixed = 1   # a malformed mesh: config.validate names it
   if fixed > cpu_devices:
     needs.append(f'mesh {mesh} needs {fixed} devices, the CPU has {cpu_devices}')
   return needs
@@ -121,6 +121,12 @@ def check_cpu_fallback(config) -> None:
       cpu_devices=jax.device_count())
   if problem:
     fail(problem)
+
+
+def describe_error(e: Exception, limit: int = 300) -> str:
+  """'TypeName: message' on one line, cut to `limit` characters (for one-line errors)."""
+  text = f'{type(e).__name__}: {e}'.replace('\n', ' ')
+  return text if len(text) <= limit else text[:limit] + '...'
 
 
 def fail(message: str) -> None:

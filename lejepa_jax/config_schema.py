@@ -1,4 +1,5 @@
-"""Every config key the code reads: the table `train.validate` checks configs against.
+"""Every config key the code reads: the table `config.validate` (lejepa_jax/config.py) checks
+configs against.
 
 A config file, or `--config.KEY=VALUE`, may only set keys listed here; anything else is
 rejected before anything compiles or is written, naming the key and the closest known one

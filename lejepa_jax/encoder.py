@@ -50,16 +50,10 @@ def _join(path) -> str:
   return '/'.join(str(getattr(k, 'key', k)) for k in path)
 
 
-def _unbox(tree):
-  import flax.linen as nn
-  import jax
-  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned)
-                      else x, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
-
 def _flatten(encoder_params, depth: int, index) -> dict:
   import jax
-  tree = dict(_unbox(encoder_params))
+  from lejepa_jax.models import vit
+  tree = dict(vit.unboxed(encoder_params))
   if 'blocks' in tree:      # nn.scan: every leaf has a leading (depth,) axis
     stacked = tree.pop('blocks')
     for i in range(depth):

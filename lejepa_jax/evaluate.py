@@ -43,22 +43,17 @@ def evaluate_workdir(config, workdir, *, step: int | None = None, names=None,
   from lejepa_jax import metrics as metrics_lib
   from lejepa_jax import sharding as sharding_lib
   from lejepa_jax import steps
-  from lejepa_jax import train
-  from lejepa_jax.data import sources
+  from lejepa_jax import config as config_lib
   from lejepa_jax.evaluators import suite
 
-  train.validate(config)
+  config_lib.validate(config)
   try:
     run_specs = suite.specs(config, names)
   except KeyError as e:
-    raise train.ConfigError(f'--evals: {e.args[0]}') from None
-  mesh = sharding_lib.make_mesh(config.get('mesh'), devices)
-  train._check_divisible(config, sharding_lib.data_parallel_size(mesh),
-                         sharding_lib.batch_feed(mesh).count)
-  train_source = sources.get_source(config.data, config.data.train_split)
-  test_source = sources.get_source(config.data, config.data.test_split)
-  train._check_data(config, train_source, test_source)
-  programs = steps.build(config, mesh, train.total_steps(config, len(train_source)))
+    raise config_lib.ConfigError(f'--evals: {e.args[0]}') from None
+  run = config_lib.prepare(config, devices)
+  mesh, programs = run.mesh, run.programs
+  train_source, test_source = run.train_source, run.test_source
   state, step = ckpt_lib.restore_state(workdir, programs.abstract_state, step)
   logging.info('evaluating %s at step %d: %s', workdir, step, ', '.join(s.name for s in run_specs))
   runner = suite.Runner(config, programs, train_source=train_source, test_source=test_source)

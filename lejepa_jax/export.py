@@ -50,10 +50,6 @@ class ExportError(Exception):
   """Bad input: the message names the path or flag and what to do."""
 
 
-def _short(e: Exception, limit: int = 300) -> str:
-  text = f'{type(e).__name__}: {e}'.replace('\n', ' ')
-  return text if len(text) <= limit else text[:limit] + '...'
-
 
 def export_config(config, step: int, workdir: str) -> dict:
   """config.json of an export: everything `load_encoder` needs, and provenance."""
@@ -142,7 +138,7 @@ def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool =
         'import run_config; run_config.save(\'DIR\', NAME.get_config(\'ARG\'))" with the run\'s '
         'overrides set') from None
   except ValueError as e:   # json.JSONDecodeError
-    raise ExportError(f'{workdir}/config.json cannot be read ({_short(e)}): restore it or '
+    raise ExportError(f'{workdir}/config.json cannot be read ({cli.describe_error(e)}): restore it or '
                       'train into a new workdir') from None
   try:
     mesh = sharding_lib.make_mesh(config.get('mesh'))
@@ -152,14 +148,14 @@ def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool =
     programs = steps.build(config, mesh, total_steps=max(1, int(config.get('total_steps') or 1)))
   except (ValueError, KeyError, AttributeError) as e:
     raise ExportError(f'{workdir}/config.json does not describe a model this version of '
-                      f'lejepa_jax builds ({_short(e)})') from None
+                      f'lejepa_jax builds ({cli.describe_error(e)})') from None
   try:
     state, step = ckpt_lib.restore_state(workdir, programs.abstract_state, step)
   except FileNotFoundError as e:
     raise ExportError(str(e)) from None
   except Exception as e:  # pylint: disable=broad-except  (Orbax raises many types)
     raise ExportError(f'checkpoint {step if step is not None else "(newest)"} in '
-                      f'{ckpt_lib.directory(workdir)} cannot be read ({_short(e)}): pass '
+                      f'{ckpt_lib.directory(workdir)} cannot be read ({cli.describe_error(e)}): pass '
                       'another --step, or check that the workdir is intact') from None
 
   # To host: sharded parameters of a multi-process run are gathered onto every process.

@@ -58,6 +58,7 @@ from absl import app
 from absl import flags
 from etils import epath
 import numpy as np
+import scipy.stats
 
 from lejepa_jax import run_config
 
@@ -81,16 +82,14 @@ MIN_RUNS = 3
 
 def ranks(x) -> np.ndarray:
   """1-based ranks of a 1-D array, ties given the average of the ranks they span."""
-  x = np.asarray(x, dtype=np.float64).ravel()
-  _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-  below = np.cumsum(counts) - counts          # how many values are smaller than each unique one
-  return (below + (counts + 1) / 2.0)[inverse.ravel()]
+  return scipy.stats.rankdata(np.asarray(x, dtype=np.float64).ravel(), method='average')
 
 
 def spearman(a, b) -> float:
-  """Spearman rank correlation of two equal-length 1-D arrays (Pearson of average ranks).
+  """Spearman rank correlation of two equal-length 1-D arrays (scipy's, ties averaged).
 
-  nan when fewer than 2 values, or when either array is constant (no ranking to correlate).
+  nan when fewer than 2 values, a non-finite value, or either array constant (no ranking to
+  correlate; scipy would warn and give nan too).
   """
   a = np.asarray(a, dtype=np.float64).ravel()
   b = np.asarray(b, dtype=np.float64).ravel()
@@ -98,12 +97,9 @@ def spearman(a, b) -> float:
     raise ValueError(f'spearman: lengths differ ({a.size} vs {b.size})')
   if a.size < 2 or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
     return math.nan
-  ra, rb = ranks(a), ranks(b)
-  ra, rb = ra - ra.mean(), rb - rb.mean()
-  denom = math.sqrt(float(ra @ ra) * float(rb @ rb))
-  if denom == 0.0:
+  if np.ptp(a) == 0 or np.ptp(b) == 0:
     return math.nan
-  return float(np.clip((ra @ rb) / denom, -1.0, 1.0))
+  return float(np.clip(scipy.stats.spearmanr(a, b).statistic, -1.0, 1.0))
 
 
 def scaled_loss(loss, lamb, alpha):

@@ -150,12 +150,6 @@ def _dummy_views(config):
   return g, l
 
 
-def _unbox(tree):
-  # Partitioned.unbox(apply_constraint=False): a sharding constraint needs real devices.
-  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned)
-                      else x, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
-
 def feature_dim(config, model) -> int:
   """Width of the features `Programs.features` returns for config.eval.features."""
   return models.feature_dims(model)[config.eval.get('features') or 'probe']
@@ -197,11 +191,11 @@ def build(config, mesh, total_steps: int) -> Programs:
   # The shardings tree is a prefix of the state (optax's empty MaskedNodes get one too).
   abstract_state = jax.tree.map(
       lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-      if isinstance(x, jax.ShapeDtypeStruct) else x, state_shardings, _unbox(boxed))
+      if isinstance(x, jax.ShapeDtypeStruct) else x, state_shardings, models.vit.unboxed(boxed))
 
   batch = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
-  init = jax.jit(lambda seed: _unbox(boxed_init(seed)), out_shardings=state_shardings)
+  init = jax.jit(lambda seed: models.vit.unboxed(boxed_init(seed)), out_shardings=state_shardings)
   step = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
                  in_shardings=(state_shardings, batch),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)

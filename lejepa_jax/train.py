@@ -19,127 +19,22 @@ import jax
 import numpy as np
 
 from lejepa_jax import checkpoint as ckpt_lib
-from lejepa_jax import config_schema
+from lejepa_jax import config as config_lib
 from lejepa_jax import diagnostics
-from lejepa_jax import losses
 from lejepa_jax import metrics as metrics_lib
-from lejepa_jax import models
 from lejepa_jax import optim
 from lejepa_jax import plots
 from lejepa_jax import preemption
 from lejepa_jax import run_config
 from lejepa_jax import sharding as sharding_lib
-from lejepa_jax import sigreg
-from lejepa_jax import stats
 from lejepa_jax import steps
-from lejepa_jax.data import host_resources
 from lejepa_jax.data import pipeline
-from lejepa_jax.data import sources
 from lejepa_jax.evaluators import suite
 
-
-class ConfigError(ValueError):
-  """A config value the run cannot use; the message names the key and what to set instead.
-
-  Raised before anything compiles or touches the workdir (`python -m lejepa_jax.main` prints
-  it as one line and exits with status 2)."""
-
-
-def _crop_problems(config) -> list[str]:
-  d, patch = config.data, config.model.patch_size
-  out = []
-  if patch < 1:
-    return [f'model.patch_size={patch!r} must be a positive integer']
-  views = [('data.global_size', d.global_size)]
-  if d.num_local_views > 0:
-    views.append(('data.local_size', d.local_size))
-  for key, size in views:
-    if size % patch:
-      lower, upper = size // patch * patch, (size // patch + 1) * patch
-      choices = f'{lower} or {upper}' if lower else f'{upper}'
-      out.append(f'{key}={size} is not a multiple of model.patch_size={patch} (the patches must '
-                 f'tile the crop): set --config.{key}={choices}, or change model.patch_size')
-  return out
-
-
-def validate(config) -> None:
-  """Fails early with ONE ConfigError naming every bad key and what to set instead.
-
-  Checks the config alone (no devices, no data, no files): unknown and missing keys
-  against `config_schema.KEYS`, then values that would only fail (or mislead) later.
-  `train_and_evaluate` adds the checks that need the devices and the data, all before
-  the workdir is touched.
-  """
-  problems = config_schema.problems(config)
-  problems += suite.problems(config)
-  if problems:   # values of misspelt or missing keys cannot be checked meaningfully
-    raise ConfigError('bad config: ' + '; '.join(problems))
-  if config.loss_convention not in losses.CONVENTIONS:
-    problems.append(f'loss_convention={config.loss_convention!r}: one of {losses.CONVENTIONS}')
-  if config.loss_convention == 'convex' and not 0.0 <= config.lamb <= 1.0:
-    problems.append(f'lamb={config.lamb}: must lie in [0, 1] with the convex convention '
-                    '((1 - lamb) * inv + lamb * sigreg): set --config.lamb in [0, 1] (the paper '
-                    'uses 0.05), or --config.loss_convention=additive for inv + lamb * sigreg')
-  if config.sigreg.num_slices < 1 or config.sigreg.num_points < 2 or config.sigreg.t_max <= 0:
-    problems.append('sigreg: num_slices >= 1, num_points >= 2 and t_max > 0 are required')
-  statistic = steps.regulariser_options(config.sigreg)['statistic']
-  if statistic not in stats.STATISTICS:
-    problems.append(f'sigreg.statistic={statistic!r}: one of {stats.STATISTICS}')
-  if config.sigreg.get('quadrature', 'trapezoid') not in sigreg.QUADRATURES:
-    problems.append(f'sigreg.quadrature={config.sigreg.quadrature!r}: one of {sigreg.QUADRATURES}')
-  if not config.get('total_steps') and not config.get('epochs'):
-    problems.append('total_steps and epochs are both 0: set --config.total_steps=N or '
-                    '--config.epochs=N')
-  if config.batch_size < 1 or config.eval.batch_size < 1:
-    problems.append('batch_size and eval.batch_size must be >= 1')
-  d = config.data
-  if d.name not in ('fashion_mnist', 'folder') and not str(d.name).startswith('tfds:'):
-    problems.append(f"data.name={d.name!r}: one of 'fashion_mnist', 'tfds:NAME' or 'folder'")
-  if d.num_global_views < 1:
-    problems.append('data.num_global_views must be >= 1 (the invariance centre)')
-  if d.num_local_views < 0:
-    problems.append('data.num_local_views must be >= 0')
-  problems.extend(_crop_problems(config))
-  for key in ('mean', 'std'):
-    values = tuple(d[key]) if isinstance(d[key], (tuple, list)) else (d[key],)
-    if len(values) != d.channels:
-      problems.append(f'data.{key}={values} has {len(values)} values but data.channels='
-                      f'{d.channels}: give one value per channel, e.g. '
-                      f'--config.data.{key}="{(values * d.channels)[:d.channels]}"')
-    elif key == 'std' and min(values) <= 0:
-      problems.append(f'data.std={values}: every value must be > 0')
-  if config.checkpoint_every < 1 or config.log_every < 1:
-    problems.append('checkpoint_every and log_every must be >= 1')
-  if config.get('checkpoint_max_to_keep', 2) < 1 or config.get('checkpoint_keep_every', 0) < 0:
-    problems.append('checkpoint_max_to_keep must be >= 1 and checkpoint_keep_every >= 0 (0: none)')
-  if (config.eval.get('features') or 'probe') not in models.FEATURE_KINDS:
-    problems.append(f'eval.features={config.eval.features!r}: one of '
-                    f'{sorted(models.FEATURE_KINDS)}')
-  elif not config.model.get('embedding_dim', 0) and (
-      config.eval.get('features') == 'head' or any(
-          dict(e).get('features') == 'head' for e in (config.get('evals') or {}).values()
-          if hasattr(e, 'get'))):
-    problems.append("features 'head' need a head: set model.embedding_dim > 0")
-  if config.optim.get('weight_decay_on', 'kernels') not in optim.WEIGHT_DECAY_ON:
-    problems.append(f'optim.weight_decay_on={config.optim.weight_decay_on!r}: one of '
-                    f'{optim.WEIGHT_DECAY_ON}')
-  if config.get('nonfinite', 'stop') not in steps.NONFINITE_POLICIES:
-    problems.append(f'nonfinite={config.nonfinite!r}: one of {steps.NONFINITE_POLICIES}')
-  if config.get('nonfinite_max_skips', 10) < 1:
-    problems.append('nonfinite_max_skips must be >= 1')
-  if d.get('verify_images', 'auto') not in sources.VERIFY_MODES:
-    problems.append(f'data.verify_images={d.verify_images!r}: one of {sources.VERIFY_MODES}')
-  problems.extend(host_resources.problems(d))
-  if problems:
-    raise ConfigError('bad config: ' + '; '.join(problems))
-
-
-def total_steps(config, train_size: int) -> int:
-  if config.get('total_steps'):
-    return int(config.total_steps)
-  if config.get('epochs'):
-    return max(1, int(config.epochs * train_size // config.batch_size))
-  raise ConfigError('config needs total_steps or epochs: set --config.total_steps=N')
+# The config checks' public names, where users of the training API found them first.
+ConfigError = config_lib.ConfigError
+validate = config_lib.validate
+total_steps = config_lib.total_steps
 
 
 class _FiniteGuard:
@@ -332,39 +227,6 @@ def _resume_batch(config, step: int, position: dict | None) -> int:
   return -(-records // config.batch_size)
 
 
-def _check_divisible(config, dp: int, blocks: int) -> None:
-  """Both batch sizes split over the dp devices and the `blocks` the processes read
-  (`sharding.batch_feed(mesh).count`: the process count unless replicas span processes)."""
-  problems = []
-  for key, value in (('batch_size', config.batch_size), ('eval.batch_size', config.eval.batch_size)):
-    if value % dp or value % blocks:
-      step = int(np.lcm(dp, blocks))
-      problems.append(
-          f'{key}={value} must divide by the data-parallel size {dp} and the {blocks} blocks '
-          f'the processes read: set --config.{key} to a multiple of {step} (e.g. '
-          f'{max(step, value // step * step)}), or change mesh')
-  if problems:
-    raise ConfigError('bad config: ' + '; '.join(problems))
-
-
-def _check_data(config, train_source, test_source) -> None:
-  """What only the data can tell: enough records, and the channels the config expects."""
-  d = config.data
-  for split, source in ((d.train_split, train_source), (d.test_split, test_source)):
-    if not len(source):
-      raise sources.MissingDataError(f'{d.name} split {split!r} under data.dir={d.get("dir")!r} '
-                                     'has no records: point data.dir at the data')
-    image = np.asarray(source[0]['image'])
-    channels = image.shape[-1] if image.ndim == 3 else 1
-    if channels != d.channels:
-      raise ConfigError(f'data.channels={d.channels} but the images of {d.name} split {split!r} '
-                        f'have {channels} channel(s): set --config.data.channels={channels} and '
-                        f'give data.mean and data.std {channels} values each')
-  if len(train_source) < config.batch_size:
-    raise ConfigError(f'batch_size={config.batch_size} is larger than the {len(train_source)} '
-                      f'records of data.train_split={d.train_split!r}: lower --config.batch_size')
-
-
 def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
   """Pretrains (resuming from workdir's latest checkpoint), then evaluates. Returns eval metrics.
 
@@ -376,25 +238,17 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
   """
   # Everything up to steps.build checks the config, the devices and the data without
   # writing anything: a bad value or a missing/corrupt file leaves the workdir as it was.
-  validate(config)
+  config_lib.validate(config)
   workdir = epath.Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise ConfigError(f'--workdir={workdir} is a file, not a directory: pass a directory')
-  mesh = sharding_lib.make_mesh(config.get('mesh'), devices)
-  try:
-    feed = sharding_lib.batch_feed(mesh)
-  except sharding_lib.MeshFeedError as e:
-    raise ConfigError(f'bad config: mesh={dict(config.get("mesh") or {})}: {e}') from None
-  dp = sharding_lib.data_parallel_size(mesh)
-  _check_divisible(config, dp, feed.count)
+  run = config_lib.prepare(config, devices)
+  mesh, feed, steps_total, programs = run.mesh, run.feed, run.total_steps, run.programs
+  train_source, test_source = run.train_source, run.test_source
   logging.info('mesh %s over %d devices, %d processes (%s); this process reads batch block '
                '%d of %d%s', dict(mesh.shape), mesh.devices.size, jax.process_count(),
                sharding_lib.describe_devices(mesh), feed.index, feed.count,
                f', shared with {feed.replicas - 1} replica process(es)' if feed.replicas > 1 else '')
-  train_source = sources.get_source(config.data, config.data.train_split)
-  test_source = sources.get_source(config.data, config.data.test_split)
-  _check_data(config, train_source, test_source)
-  steps_total = total_steps(config, len(train_source))
 
   def open_stream(step: int, position: dict | None):
     """(iterator of this process's training batches, index of its next global batch)."""
@@ -405,7 +259,6 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
         process_index=feed.index, process_count=feed.count, start_batch=next_batch)
     return iter(dataset), next_batch
 
-  programs = steps.build(config, mesh, steps_total)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     run_config.save(workdir, config)

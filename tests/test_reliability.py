@@ -210,16 +210,21 @@ def _signal_from_the_device(monkeypatch, program, when):
 
   def build(*args, **kwargs):
     programs = original_build(*args, **kwargs)
-    fn, calls = getattr(programs, program), [0]
+    calls = [0]
 
-    def wrapped(*a):
-      calls[0] += 1
-      out = fn(*a)
-      if program == 'train_step':
-        state, metrics = out
-        return state, dict(metrics, **{'train/loss': mark(metrics['train/loss'], calls[0])})
-      return mark(out, calls[0])
-    return dataclasses.replace(programs, **{program: wrapped})
+    def wrap(fn):
+      def wrapped(*a):
+        calls[0] += 1
+        out = fn(*a)
+        if program == 'train_step':
+          state, metrics = out
+          return state, dict(metrics, **{'train/loss': mark(metrics['train/loss'], calls[0])})
+        return mark(out, calls[0])
+      return wrapped
+    if program == 'features':   # the evaluators extract through features_of(kinds)
+      return dataclasses.replace(programs, features=wrap(programs.features),
+                                 features_of=lambda kinds: wrap(programs.features_of(kinds)))
+    return dataclasses.replace(programs, **{program: wrap(getattr(programs, program))})
 
   monkeypatch.setattr(steps, 'build', build)
   return done

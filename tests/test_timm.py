@@ -89,7 +89,7 @@ def test_timm_loads_our_vit_strictly_and_computes_the_same_features(name):
   images = np.asarray(jax.random.normal(jax.random.key(1),
                                         (3, case['size'], case['size'], case['channels'])))
   params = module.init(jax.random.key(0), jnp.asarray(images))['params']
-  params = _perturbed(encoder_lib._unbox(params), jax.random.key(2))
+  params = _perturbed(vit.unboxed(params), jax.random.key(2))
   ours = jax.jit(module.apply)({'params': params}, jnp.asarray(images))
 
   model = {'width': cfg.width, 'depth': cfg.depth, 'mlp_dim': cfg.mlp_dim,
@@ -121,7 +121,7 @@ def test_the_gelu_choice_matters_to_timm():
   cfg = vit.vit_config('S', patch_size=8, image_size=16, gelu='tanh', depth=2)
   module = vit.ViT(cfg)
   images = np.asarray(jax.random.normal(jax.random.key(1), (2, 16, 16, 3)))
-  params = _perturbed(encoder_lib._unbox(module.init(jax.random.key(0), images)['params']),
+  params = _perturbed(vit.unboxed(module.init(jax.random.key(0), images)['params']),
                       jax.random.key(3))
   ours = np.asarray(module.apply({'params': params}, images)['cls'])
   model = {'width': cfg.width, 'depth': 2, 'mlp_dim': cfg.mlp_dim, 'num_heads': cfg.num_heads,

@@ -309,6 +309,13 @@ def drop_path_rates(rate: float, depth: int) -> jax.Array:
   return jnp.linspace(0.0, rate, depth)
 
 
+def unboxed(tree):
+  """The arrays of a tree of nn.Partitioned parameters (their logical axis names dropped);
+  no sharding constraint is applied (that needs real devices)."""
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned)
+                      else x, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def _resize_grid(pos: jax.Array, grid: int, new_grid: int) -> jax.Array:
   """Bilinear resize of (1, grid*grid, D) position embeddings to new_grid."""
   if grid == new_grid:

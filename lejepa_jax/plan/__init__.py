@@ -68,7 +68,7 @@ aliased and code bytes, flops), then, as the LAST line, one JSON object:
                         seq_len = (crop / patch)^2 + 1 + registers per view (the
                         projector and probe heads are left out)
   tokens_per_image      sum of seq_len over the views (814 for ViT-g/14, 2x224 + 6x98)
-  total_steps, train_size  train.total_steps(config, train_size); train_size from a
+  total_steps, train_size  lejepa_jax.config.total_steps(config, train_size); train_size from a
                         table of known datasets, the local source, or --train_size
   peak_flops_per_chip   published bf16 peak
   estimated_hours       {'at_peak', 'at_50pct'}: total_steps x flops_per_step /

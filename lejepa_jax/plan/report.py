@@ -32,9 +32,9 @@ def plan(config, topology: Topology, devices, *, search_: bool = False, hbm_byte
          train_size=None, test_size=None, with_eval=True, with_exact_flops=True,
          log=print) -> dict:
   """Compiles `config` for `devices` and returns the report (the JSON object)."""
-  from lejepa_jax import train
+  from lejepa_jax import config as config_lib
   try:
-    train.validate(config)
+    config_lib.validate(config)
   except ValueError as e:
     raise PlanError(str(e)) from None
   t0 = time.perf_counter()
@@ -44,7 +44,7 @@ def plan(config, topology: Topology, devices, *, search_: bool = False, hbm_byte
   if config.get('total_steps'):
     steps_total = int(config.total_steps)
   elif n_train:
-    steps_total = train.total_steps(config, n_train)
+    steps_total = config_lib.total_steps(config, n_train)
   else:
     raise PlanError(f'the size of {config.data.name} {config.data.train_split} is unknown and its '
                     'data is not local: pass --train_size=N or set --config.total_steps')
@@ -91,7 +91,7 @@ def plan(config, topology: Topology, devices, *, search_: bool = False, hbm_byte
                               batch_size=found['batch_size'])
       f = exact_flops(chosen, total_steps=steps_total, depth=a.encoder.depth,
                       names=('train_step',))['train_step']
-      steps_chosen = train.total_steps(chosen, n_train) if n_train else steps_total
+      steps_chosen = config_lib.total_steps(chosen, n_train) if n_train else steps_total
       secs = steps_chosen * f / (chips * topology.chip.peak_flops)
       found.update(flops_per_step=f, total_steps=steps_chosen,
                    estimated_hours={'at_peak': secs / 3600, 'at_50pct': 2 * secs / 3600})
