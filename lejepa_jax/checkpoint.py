@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from lejepa_jax import cli
+from lejepa_jax import workdir as workdir_lib
 
 UNREADABLE = 'checkpoints_unreadable'
 POSITION = 'data_position'    # {'next_batch': int, 'global_batch_size': int}
@@ -45,7 +46,7 @@ def directory(workdir) -> epath.Path:
   a URL is absolute already.
   """
   path = epath.Path(workdir)
-  return (path if path.is_absolute() else path.absolute()) / 'checkpoints'
+  return (path if path.is_absolute() else path.absolute()) / workdir_lib.CHECKPOINTS_DIR
 
 
 def manager(workdir, *, max_to_keep: int = 2, keep_every: int = 0) -> ocp.CheckpointManager:

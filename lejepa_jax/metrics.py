@@ -14,6 +14,8 @@ from absl import logging
 from etils import epath
 import numpy as np
 
+from lejepa_jax import workdir as workdir_lib
+
 
 class MetricWriter:
   """Appends {'step': ..., 'train/loss': ...} lines to metrics.jsonl and TensorBoard scalars.
@@ -38,7 +40,7 @@ class MetricWriter:
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     self._workdir = workdir
-    self._path = workdir / 'metrics.jsonl'
+    self._path = workdir / workdir_lib.METRICS_FILE
     self._appendable = '://' not in str(workdir)
     self._lines = [] if self._appendable or not self._path.exists() else \
         self._path.read_text().splitlines(keepends=True)

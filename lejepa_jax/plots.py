@@ -10,7 +10,6 @@ DIR may be any etils.epath path (gs://... too).
 from __future__ import annotations
 
 import io
-import json
 import math
 
 from absl import app
@@ -19,76 +18,14 @@ from absl import logging
 from etils import epath
 import numpy as np
 
-ARRAYS_FILE = 'diagnostics.npz'
-MAX_ARRAY_STEPS = 10
+from lejepa_jax import workdir as workdir_lib
+
 PLOT_NAMES = ('losses', 'accuracy', 'diagnostics', 'spectrum', 'qq')
-
-
-# ---------------------------------------------------------------- diagnostics arrays
-def load_arrays(workdir) -> dict:
-  """{'steps': (S,), NAME: (S, ...)} from DIR/diagnostics.npz, or {} when there is none."""
-  path = epath.Path(workdir) / ARRAYS_FILE
-  if not path.exists():
-    return {}
-  with np.load(io.BytesIO(path.read_bytes())) as f:
-    return {k: f[k] for k in f.files}
-
-
-def _thin(steps: np.ndarray, max_steps: int) -> np.ndarray:
-  """Indices to keep: the first and newest always; drop interior entries whose neighbours
-  are closest (the one whose removal leaves the smallest gap) until max_steps remain."""
-  keep = list(range(len(steps)))
-  while len(keep) > max(max_steps, 2):
-    gaps = [steps[keep[i + 1]] - steps[keep[i - 1]] for i in range(1, len(keep) - 1)]
-    del keep[1 + int(np.argmin(gaps))]
-  return np.asarray(keep[:max_steps], np.int64)
-
-
-def save_arrays(workdir, step: int, arrays: dict, *, max_steps: int = MAX_ARRAY_STEPS) -> str:
-  """Adds the `ARRAY_KEYS`-style arrays of `step` to DIR/diagnostics.npz; returns its path.
-
-  Keeps at most max_steps steps, evenly thinned (first and newest always kept). Entries
-  of steps >= `step` are replaced (a resumed run saves them again), and so are all the
-  old ones if an array's shape changed. Written atomically (temporary file + rename).
-  Call it on process 0 only, with host values (`jax.device_get`).
-  """
-  workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  new = {k: np.asarray(v) for k, v in arrays.items()}
-  old = load_arrays(workdir)
-  steps = old.get('steps', np.zeros((0,), np.int64))
-  keep = steps < step
-  if set(old) - {'steps'} != set(new) or any(old[k].shape[1:] != new[k].shape for k in new):
-    keep[:] = False
-  steps = np.append(steps[keep], step).astype(np.int64)
-  stacked = {k: np.concatenate([old[k][keep], new[k][None]]) if keep.any() else new[k][None]
-             for k in new}
-  idx = _thin(steps, max_steps)
-  out = {'steps': steps[idx], **{k: v[idx] for k, v in stacked.items()}}
-  buf = io.BytesIO()
-  np.savez(buf, **out)
-  path = workdir / ARRAYS_FILE
-  tmp = workdir / (ARRAYS_FILE + '.tmp')
-  tmp.write_bytes(buf.getvalue())
-  tmp.replace(path)
-  return str(path)
-
-
-# ---------------------------------------------------------------- metrics
-def read_metrics(workdir) -> list[dict]:
-  """The records of DIR/metrics.jsonl ([] when absent); unreadable lines are skipped."""
-  path = epath.Path(workdir) / 'metrics.jsonl'
-  if not path.exists():
-    return []
-  records = []
-  for line in path.read_text().splitlines():
-    try:
-      record = json.loads(line)
-    except ValueError:
-      continue
-    if isinstance(record, dict) and isinstance(record.get('step'), (int, float)):
-      records.append(record)
-  return records
+# The run directory's files, read from lejepa_jax/workdir.py (re-exported: the names plots
+# had first).
+ARRAYS_FILE, MAX_ARRAY_STEPS = workdir_lib.ARRAYS_FILE, workdir_lib.MAX_ARRAY_STEPS
+load_arrays, save_arrays = workdir_lib.load_arrays, workdir_lib.save_arrays
+read_metrics = workdir_lib.read_metrics
 
 
 def series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -287,7 +224,7 @@ def write_plots(workdir) -> list[str]:
   Missing data skips that plot (logged), never raises.
   """
   workdir = epath.Path(workdir)
-  out = workdir / 'plots'
+  out = workdir / workdir_lib.PLOTS_DIR
   out.mkdir(parents=True, exist_ok=True)
   records = read_metrics(workdir)
   try:

@@ -113,3 +113,28 @@ def test_evaluate_on_a_directory_without_a_run_says_what_is_missing(tmp_path):
   out = _evaluate(str(tmp_path))
   assert out.returncode == 2
   assert 'config.json does not exist' in out.stderr
+
+
+def test_a_workdir_stored_by_an_earlier_version_evaluates_as_it_did(run, tmp_path):
+  """Configs stored before 2026-12-02 (no model.gelu; every evaluator on eval.features =
+  'probe') are read as they ran: the same features, under the same metric names."""
+  import shutil
+  c, workdir, results = run
+  old = str(tmp_path / 'old')
+  shutil.copytree(workdir, old)
+  path = os.path.join(old, 'config.json')
+  stored = json.load(open(path))
+  for key in ('gelu', 'embedding_dim', 'online_probe_input', 'projector_activation'):
+    stored['model'].pop(key, None)
+  stored['eval']['features'] = 'probe'
+  stored['evals'] = {name: {k: v for k, v in entry.items() if k != 'features'}
+                     for name, entry in stored['evals'].items() if entry['type'] != 'online_probe'}
+  json.dump(stored, open(path, 'w'))
+  out = _evaluate(old, '--evals=knn,fewshot')
+  assert out.returncode == 0, out.stderr[-3000:]
+  line = _lines(old)[-1]
+  assert {'eval/knn_top1', 'eval/fewshot_5shot_top1'} <= set(line)
+  assert not any(k.startswith('eval/probe/') for k in line)
+  assert line['eval/knn_top1'] == pytest.approx(results['eval/knn_top1'], abs=0.005)
+  assert line['eval/fewshot_5shot_top1'] == pytest.approx(results['eval/fewshot_5shot_top1'],
+                                                          abs=0.005)
