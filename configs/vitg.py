@@ -174,7 +174,10 @@ def runlocal_of(config):
   local.evals = ml_collections.ConfigDict()
   for name, entry in config.evals.items():
     local.evals[name] = {**entry, **toy.get(entry['type'], {}), 'every': 0, 'max_examples': 0}
-  for key in ('embedding_dim', 'online_probe_input', 'projector_activation', 'gelu'):
+  # The projector keeps fmnist's GELU: with ReLU, the last bits in which sharded reductions
+  # differ flip units on or off, and runs on different meshes drift apart (1e-3 in the grad
+  # norm by step 11 of tests/test_multiprocess.py), which those exactness tests must not see.
+  for key in ('embedding_dim', 'online_probe_input', 'gelu'):
     local.model[key] = config.model[key]
   local.model.embedding_dim = min(config.model.embedding_dim, 32)   # toy size
   for key in ('warmup_start_factor', 'end_lr', 'weight_decay_on'):
