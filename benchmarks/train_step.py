@@ -132,7 +132,7 @@ if torch is not None:
 
     def forward(self, x, cls_only=False):
       b, s, w = x.shape
-      if cls_only:   # only the CLS token's output (ours: vit._attention_cls_queries)
+      if cls_only:   # only the CLS token's output (ours: attention._attention_cls_queries)
         return self.forward_cls(x)
       qkv = self.qkv(self.norm1(x)).reshape(b, s, 3, self.num_heads, w // self.num_heads)
       q, k, v = qkv.permute(2, 0, 3, 1, 4)                    # (B, heads, S, head_dim) each

@@ -150,11 +150,6 @@ def _dummy_views(config):
   return g, l
 
 
-def feature_dim(config, model) -> int:
-  """Width of the features `Programs.features` returns for config.eval.features."""
-  return models.feature_dims(model)[config.eval.get('features') or 'probe']
-
-
 @dataclasses.dataclass(frozen=True)
 class Programs:
   """A run's model, optimizer, state layout and jitted functions (see `build`)."""

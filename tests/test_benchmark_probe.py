@@ -34,10 +34,3 @@ def test_a_dtype_far_below_float32_is_skipped_and_said_so():
   slow = machine.slow_dtypes(seconds, {'torch bf16': 'torch f32', 'jnp bf16': 'jnp f32'})
   assert list(slow) == ['torch bf16']               # 0.02x: skipped; 0.25x is kept
   assert 'skipped' in slow['torch bf16'] and '0.020x' in slow['torch bf16']
-
-
-def test_real_probe_on_this_machine_times_every_matmul():
-  import numpy as np
-  x = np.ones((64, 64), np.float32)
-  seconds = machine.probe_matmuls({'numpy f32': lambda: x @ x}, repeats=2)
-  assert set(seconds) == {'numpy f32'} and 0 < seconds['numpy f32'] < 1

@@ -70,6 +70,17 @@ def _images(n=16):
   return sources.fashion_mnist(None, 'test').images[:n]
 
 
+def _in_a_fresh_process(script, images, export_dir, result_file):
+  """Runs `script` with argv (images .npy, export_dir, result_file) in a new Python process;
+  returns what it saved in result_file."""
+  np.save(result_file.parent / 'images.npy', images)
+  result = subprocess.run([sys.executable, '-c', script, str(result_file.parent / 'images.npy'),
+                           export_dir, str(result_file)], cwd=str(result_file.parent), env=_env(),
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return np.load(result_file)
+
+
 def test_export_prints_where_and_how_many_parameters(run):
   workdir, out, stdout = run
   config, programs, state, step = _checkpoint(workdir)
@@ -137,12 +148,7 @@ assert not training, training
 def test_load_encoder_in_a_fresh_process_equals_the_checkpoint_features(run, tmp_path):
   workdir, out, _ = run
   images = _images()
-  np.save(tmp_path / 'images.npy', images)
-  result = subprocess.run([sys.executable, '-c', _LOAD, str(tmp_path / 'images.npy'), out,
-                           str(tmp_path / 'out.npz')], cwd=str(tmp_path), env=_env(),
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  got = np.load(tmp_path / 'out.npz')
+  got = _in_a_fresh_process(_LOAD, images, out, tmp_path / 'out.npz')
 
   config, programs, state, _ = _checkpoint(workdir)
   d = config.data
@@ -229,7 +235,7 @@ _TIMM = '''
 import json, sys
 import numpy as np
 import safetensors.torch, timm, torch
-out, images = sys.argv[1], np.load(sys.argv[2])
+images, out = np.load(sys.argv[1]), sys.argv[2]
 # The three lines of the README, as a PyTorch user types them:
 model = timm.create_model(**json.load(open(out + '/timm.json')))
 model.load_state_dict(safetensors.torch.load_file(out + '/model.safetensors'))
@@ -261,12 +267,7 @@ def test_export_for_timm_loads_in_pytorch_and_equals_the_checkpoint_embedding(ru
     import lejepa_jax
     lejepa_jax.load_encoder(out)
   images = _images()
-  np.save(tmp_path / 'images.npy', images)
-  result = subprocess.run([sys.executable, '-c', _TIMM, out, str(tmp_path / 'images.npy'),
-                           str(tmp_path / 'emb.npy')], cwd=str(tmp_path), env=_env(),
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  got = np.load(tmp_path / 'emb.npy')
+  got = _in_a_fresh_process(_TIMM, images, out, tmp_path / 'emb.npy')
 
   config, programs, state, _ = _checkpoint(workdir)
   d = config.data

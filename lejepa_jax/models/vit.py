@@ -10,7 +10,7 @@ Speed (measured with benchmarks/train_step.py; each is exact up to float roundin
   token-wise layers are one matmul per layer, not one per crop size;
 - with unrolled blocks (model.scan=False) the last block computes its CLS tokens only
   (nothing else reads it), with keys and values folded into the query
-  (`_attention_cls_queries`): 40% fewer FLOPs for the 2-block CPU default
+  (`models/attention.py`): 40% fewer FLOPs for the 2-block CPU default
   (ViTConfig.cls_only_last, model.cls_only_last; the scanned blocks compute every token);
 - GELU is recomputed in the backward pass and, without remat, the MLP's dense layers choose
   which operand their weight gradient transposes (`_dense_bwd`): fewer passes over the widest
@@ -32,6 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lejepa_jax.models.attention import Attention, cls_tokens, join_views
 
 # name: (width, depth, mlp_dim, num_heads)
 VARIANTS = {
@@ -167,95 +169,6 @@ def _layer_norm(dtype, name=None):
                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))
 
 
-# A packed token sequence holds, for every image, the tokens of all its views one view after
-# another: `views` = ((V_0, S_0), (V_1, S_1), ...) says V_i views of S_i tokens each, CLS first.
-# Token-wise layers (LayerNorm, projections, MLP) see one (B, sum V_i S_i, D) array; only
-# attention splits it back into views.
-
-def _split_views(x, views):
-  """(B, sum V_i S_i, ...) -> [(B * V_i, S_i, ...)] (tokens of each view)."""
-  out, start = [], 0
-  for v, s in views:
-    part = x[:, start:start + v * s]
-    out.append(part.reshape((x.shape[0] * v, s) + x.shape[2:]))
-    start += v * s
-  return out
-
-
-def _join_views(parts, batch):
-  """Inverse of _split_views: [(B * V_i, S_i, ...)] -> (B, sum V_i S_i, ...)."""
-  parts = [p.reshape((batch, -1) + p.shape[2:]) for p in parts]
-  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
-
-
-def _cls_tokens(x, views):
-  """The first token of every view: (B, sum V_i S_i, D) -> (B, sum V_i, D)."""
-  parts, start = [], 0
-  for v, s in views:
-    parts.append(x[:, start:start + v * s:s])
-    start += v * s
-  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
-
-
-def _attention_cls_queries(x, x_q, kernel, bias):
-  """Attention of one query token per view, x_q (N, 1, D), over that view's tokens x (N, S, D).
-
-  Keys and values are never projected: q.k_s = (q Wk^T).x_s and sum_s p_s v_s =
-  (sum_s p_s x_s) Wv + bv, since the probabilities sum to one. The key bias adds the same
-  constant to all of a query's logits, which the softmax cancels, so it drops out (its
-  gradient is exactly zero, as it is mathematically in the usual form). Per token this costs
-  heads x width multiply-adds instead of the 2 x width^2 of projecting keys and values.
-  """
-  scale = kernel.shape[-1] ** -0.5
-  q = jnp.einsum('ntd,dhk->nthk', x_q, kernel[:, 0]) + bias[0]
-  q_keys = jnp.einsum('nthk,dhk->nthd', q, kernel[:, 1])
-  logits = jnp.einsum('nthd,nsd->nhts', q_keys, x, preferred_element_type=jnp.float32) * scale
-  probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
-  context = jnp.einsum('nhts,nsd->nthd', probs, x)
-  return jnp.einsum('nthd,dhk->nthk', context, kernel[:, 2]) + bias[2]
-
-
-class Attention(nn.Module):
-  """Multi-head self-attention with (embed, heads, head_dim) kernels for sharding.
-
-  x: (B, S, D), or packed views (B, sum V_i S_i, D) with `views` set (see _split_views);
-  each view attends within itself. cls_only: only the first token of each view is a query
-  and the output is (B, sum V_i, D) (the last block, whose other tokens nothing reads).
-  """
-  config: ViTConfig
-  views: tuple | None = None
-  cls_only: bool = False
-
-  @nn.compact
-  def __call__(self, x):
-    cfg = self.config
-    head_dim = cfg.width // cfg.num_heads
-    views = self.views or ((1, x.shape[1]),)
-    init = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2, 3))
-    qkv_kernel = self.param('qkv_kernel', nn.with_logical_partitioning(
-        init, ('embed', None, 'heads', 'kv')), (cfg.width, 3, cfg.num_heads, head_dim))
-    qkv_bias = self.param('qkv_bias', nn.with_logical_partitioning(
-        nn.initializers.zeros, (None, 'heads', 'kv')), (3, cfg.num_heads, head_dim))
-    kernel, bias = qkv_kernel.astype(cfg.dtype), qkv_bias.astype(cfg.dtype)
-    if self.cls_only:
-      y = [_attention_cls_queries(xv, xv[:, :1], kernel, bias) for xv in _split_views(x, views)]
-    else:
-      # (B, S, 3, heads, head_dim): the projection's own layout, no transposes.
-      qkv = jnp.einsum('bsd,dthk->bsthk', x, kernel) + bias
-      # One place to pick the kernel: XLA everywhere, cuDNN flash attention on GPUs
-      # (model.attention='cudnn'); logits and softmax are computed in float32.
-      y = [jax.nn.dot_product_attention(a[:, :, 0], a[:, :, 1], a[:, :, 2],
-                                        implementation=cfg.attention)
-           for a in _split_views(qkv, views)]
-    y = _join_views(y, x.shape[0])
-    out_kernel = self.param('out_kernel', nn.with_logical_partitioning(
-        nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2), ('heads', 'kv', 'embed')),
-        (cfg.num_heads, head_dim, cfg.width))
-    out_bias = self.param('out_bias', nn.with_logical_partitioning(
-        nn.initializers.zeros, ('embed',)), (cfg.width,))
-    return jnp.einsum('bqhk,hkd->bqd', y, out_kernel.astype(cfg.dtype)) + out_bias.astype(cfg.dtype)
-
-
 def _keep_scale(key, rate, batch: int, views, tokens_per_view: bool, dtype):
   """Per-view stochastic-depth multipliers: 0 (dropped, probability `rate`) or 1 / (1 - rate),
   shaped (B, sum V_i S_i, 1) to multiply packed tokens, or (B, sum V_i, 1) for CLS tokens."""
@@ -292,7 +205,7 @@ class Block(nn.Module):
     y = _layer_norm(cfg.dtype, 'norm1')(x)
     y = Attention(cfg, self.views, self.cls_only, name='attn')(y)
     if self.cls_only:
-      x = _cls_tokens(x, views)
+      x = cls_tokens(x, views)
     x = x + y * scale(0, not self.cls_only)
     y = _layer_norm(cfg.dtype, 'norm2')(x)
     y = _dense(cfg.mlp_dim, ('embed', 'mlp'), cfg, 'mlp_in')(y)
@@ -300,7 +213,7 @@ class Block(nn.Module):
     y = nn.with_logical_constraint(y, ('batch', 'seq', 'mlp'))
     y = _dense(cfg.width, ('mlp', 'embed'), cfg, 'mlp_out')(y)
     x = nn.with_logical_constraint(x + y * scale(1, not self.cls_only), ('batch', 'seq', 'embed'))
-    cls = x if self.cls_only else _cls_tokens(x, views)
+    cls = x if self.cls_only else cls_tokens(x, views)
     return x, (cls if self.views else cls[:, 0])
 
 
@@ -384,7 +297,7 @@ class ViT(nn.Module):
       tokens.append(x)
       views.append((v, x.shape[1]))
     views = tuple(views)
-    x = _join_views(tokens, b)
+    x = join_views(tokens, b)
     x = nn.with_logical_constraint(x, ('batch', 'seq', 'embed'))
 
     # Stochastic depth: (rate, key) per block, as arrays with a leading depth axis (scanned).
@@ -399,7 +312,7 @@ class ViT(nn.Module):
       blocks = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                        length=cfg.depth, metadata_params={nn.PARTITION_NAME: 'layers'})
       x, cls_per_layer = blocks(cfg, views, name='blocks')(x, drop)
-      x = _cls_tokens(x, views)
+      x = cls_tokens(x, views)
     else:
       cls_list = []
       for i in range(cfg.depth):
@@ -410,7 +323,7 @@ class ViT(nn.Module):
         cls_list.append(c)
       cls_per_layer = jnp.stack(cls_list)
       if not last:
-        x = _cls_tokens(x, views)
+        x = cls_tokens(x, views)
     x = _layer_norm(cfg.dtype, 'final_norm')(x)                        # (B, sum V_i, D)
     last_two = cls_per_layer[-2:] if cfg.depth > 1 else jnp.concatenate([cls_per_layer] * 2)
     probe_features = jnp.concatenate([last_two[0], last_two[1]], axis=-1)
