@@ -4,11 +4,14 @@ PyTorch minimal LeJEPA recipe, trained on the same machine, probed by the same c
   python benchmarks/accuracy_per_minute.py [--minutes=10,20] [--torch_python=/opt/tvenv/bin/python]
       [--config=configs/fmnist.py] [--config.KEY=VALUE ...] [--max_probe_examples=0]
       [--calibration_steps=25] [--torch_workers=2] [--torch_bf16] [--workdir=DIR]
+      [--sides=ours,torch] [--quick]
+  # our side alone at 20 minutes (no second Python needed): what the CPU default reaches
+  python benchmarks/accuracy_per_minute.py --minutes=20 --sides=ours
   # smoke run: a minute per side, short calibration, probe on 5,000 images of each split
   python benchmarks/accuracy_per_minute.py --minutes=1 --max_probe_examples=5000 \
       --calibration_steps=10
 
-Needs a second Python with torch and torchvision (--torch_python, e.g. a venv made with
+The PyTorch side needs a Python with torch and torchvision (--torch_python, e.g. a venv made with
 `pip install torch==2.14.1 torchvision==0.29.1`): the PyTorch side runs there, in a child
 process that imports neither jax nor this repository (configuration goes to it as JSON).
 A run takes about 2 minutes of calibration, 2 x the sum of --minutes of training, then a few
@@ -154,8 +157,13 @@ else:
                                     f'of {MARK_EVERY}), after {CAL_WARMUP} warm-up steps.')
   _TORCH_WORKERS = flags.DEFINE_integer('torch_workers', 2, 'DataLoader workers (PyTorch side).')
   _TORCH_BF16 = flags.DEFINE_bool('torch_bf16', False, 'PyTorch side under CPU bf16 autocast.')
+  _SIDES = flags.DEFINE_list('sides', ['ours', 'torch'], "Sides to run: 'ours', 'torch' or both "
+                             '(one side alone: its figure at the budget, no comparison).')
   _WORKDIR = flags.DEFINE_string('workdir', '', 'Directory for the runs (default: a new /tmp '
                                  'directory); must not hold runs of the same budgets already.')
+  _QUICK = flags.DEFINE_bool('quick', False, 'A smoke answer (1 minute per side, 10 calibration '
+                             'steps, probes on 2,000 images; under 3 minutes with --sides=ours)')
+  QUICK = {'minutes': ['1'], 'calibration_steps': 10, 'max_probe_examples': 2000}
   _OURS_CHILD = flags.DEFINE_string('ours_child', None, 'Internal: train our side in this '
                                     'prepared workdir (config.json, spec.json) and exit.')
 
@@ -508,10 +516,15 @@ def main(argv):
   del argv
   if _OURS_CHILD.value:
     return ours_child(_OURS_CHILD.value)
+  if _QUICK.value:
+    print('--quick:', machine_lib.apply_quick(flags.FLAGS, QUICK), flush=True)
   config = _CONFIG.value
   if config.data.name != 'fashion_mnist':
     raise SystemExit(f'data.name={config.data.name!r}: the PyTorch side reads Fashion-MNIST only')
-  if not pathlib.Path(_TORCH_PYTHON.value).exists():
+  sides = tuple(s for s in ('ours', 'torch') if s in _SIDES.value)
+  if not sides or set(_SIDES.value) - {'ours', 'torch'}:
+    raise SystemExit(f'--sides={",".join(_SIDES.value)}: ours, torch or both')
+  if 'torch' in sides and not pathlib.Path(_TORCH_PYTHON.value).exists():
     raise SystemExit(f'--torch_python={_TORCH_PYTHON.value} does not exist: make a venv with '
                      '`pip install torch torchvision` and pass its python')
   budgets = [float(m) for m in _MINUTES.value]
@@ -520,15 +533,15 @@ def main(argv):
                      '--minutes=10,20')
   root = pathlib.Path(_WORKDIR.value or tempfile.mkdtemp(prefix='accuracy_per_minute_'))
   root.mkdir(parents=True, exist_ok=True)
-  names = [f'calibration_{side}' for side in ('ours', 'torch')] + [
-      f'{m:g}min_{side}' for m in budgets for side in ('ours', 'torch')]
+  names = [f'calibration_{side}' for side in sides] + [
+      f'{m:g}min_{side}' for m in budgets for side in sides]
   taken = sorted({n for n in names if (root / n).exists() or names.count(n) > 1})
   if taken:     # a fresh directory per run: our trainer would resume from an old checkpoint
     raise SystemExit(f'--workdir={root} already holds (or --minutes repeats) {", ".join(taken)}: '
                      'pass a new --workdir and distinct budgets')
   print(f'machine: {machine_lib.cpu()}; runs in {root}', flush=True)
 
-  cal = {side: calibrate(side, root, config) for side in ('ours', 'torch')}
+  cal = {side: calibrate(side, root, config) for side in sides}
   batch = {'ours': config.batch_size, 'torch': RECIPE['batch_size']}
   print(f'calibration ({CAL_WARMUP} warm-up steps, then s/step = median over {MARK_EVERY}-step '
         'intervals; startup = wall - steps x s/step):', flush=True)
@@ -539,7 +552,7 @@ def main(argv):
   mesh = sharding_lib.make_mesh(config.get('mesh'))
   rows = []
   for i, minutes in enumerate(budgets):
-    for side in (('ours', 'torch') if i % 2 == 0 else ('torch', 'ours')):
+    for side in (sides if i % 2 == 0 else sides[::-1]):
       sec, startup, _ = cal[side]
       total = math.floor(SAFETY * (60 * minutes - startup) / sec)
       if total < 2:

@@ -1,7 +1,7 @@
 """What asynchronous checkpointing costs a training run.
 
   python benchmarks/checkpoint_overhead.py [--config=configs/fmnist.py:runlocal]
-      [--steps=300] [--every=50] [--pairs=3] [--batch_size=128]
+      [--steps=300] [--every=50] [--pairs=3] [--batch_size=128] [--quick]
 
 The same run (`train.train_and_evaluate`, final evaluation left out) is timed with a
 checkpoint every `--every` steps and with none but the final one (checkpoint_every =
@@ -22,6 +22,8 @@ import statistics
 import tempfile
 import time
 
+import machine as machine_lib   # benchmarks/machine.py, beside this script
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -39,6 +41,9 @@ _PAIRS = flags.DEFINE_integer('pairs', 3, 'Timed (checkpointing, not) pairs afte
 _BATCH = flags.DEFINE_integer('batch_size', 128, "Global batch (0: the config's). 128 makes a "
                                'runlocal step ~0.1 s on a CPU core, so 50 steps are ~5 s.')
 _CPU_DEVICES = flags.DEFINE_integer('cpu_devices', None, 'Simulated CPU devices (default: 1).')
+_QUICK = flags.DEFINE_bool('quick', False, 'An answer in under 3 minutes (60 steps, a checkpoint '
+                           'every 20, one timed pair)')
+QUICK = {'steps': 60, 'every': 20, 'pairs': 1}
 
 
 def _timed_run(config, checkpoint_every: int) -> dict:
@@ -82,6 +87,8 @@ def _timed_run(config, checkpoint_every: int) -> dict:
 
 def main(argv):
   del argv
+  if _QUICK.value:
+    print('--quick:', machine_lib.apply_quick(flags.FLAGS, QUICK))
   import jax
   logging.set_verbosity(logging.WARNING)
   if _CPU_DEVICES.value:

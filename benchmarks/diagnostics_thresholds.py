@@ -2,6 +2,7 @@
 
   python benchmarks/diagnostics_thresholds.py [--config=configs/fmnist.py] [--steps=300]
       [--every=50] [--num_images=512] [--lambs=0.0,0.1] [--workdir=/tmp/diag_thresholds]
+      [--quick]
 
 Trains the config from scratch once per lamb (lamb=0: invariance only, collapse expected;
 the config's lamb: healthy) for --steps steps of the config's schedule, and every --every
@@ -11,6 +12,8 @@ default thresholds. Each run also leaves WORKDIR/lamb_X/{metrics.jsonl,diagnosti
 and WORKDIR/lamb_X/plots/*.png (`lejepa_jax.plots`).
 """
 import time
+
+import machine as machine_lib   # benchmarks/machine.py, beside this script
 
 from absl import app
 from absl import flags
@@ -32,6 +35,9 @@ _EVERY = flags.DEFINE_integer('every', 50, 'Diagnostics every this many steps.')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 512, 'Fixed test images for diagnostics.')
 _LAMBS = flags.DEFINE_list('lambs', ['0.0', 'config'], "lamb values ('config': the config's).")
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/diag_thresholds', 'Where runs write.')
+_QUICK = flags.DEFINE_bool('quick', False, 'An answer in under 3 minutes (60 steps, diagnostics '
+                           'every 20 on 128 images: the early signal only)')
+QUICK = {'steps': 60, 'every': 20, 'num_images': 128}
 _TRAIN = flags.DEFINE_bool('train', True, 'False: only print the table (and plots) of the '
                            'runs already in --workdir, e.g. after changing thresholds.')
 
@@ -102,6 +108,8 @@ def table(workdirs, dims):
 
 def main(argv):
   del argv
+  if _QUICK.value:
+    print('--quick:', machine_lib.apply_quick(flags.FLAGS, QUICK))
   config = _CONFIG.value
   mesh = sharding_lib.make_mesh(config.get('mesh'))
   test = sources.get_source(config.data, config.data.test_split)

@@ -61,3 +61,14 @@ def slow_dtypes(seconds: dict, reference: dict, min_ratio: float = MIN_SPEED_RAT
       out[name] = (f'{name} matmul runs at {ratio:.3f}x the speed of {ref} here (probe of a '
                    f'small matmul; below {min_ratio}x: no fast kernel on this CPU): skipped')
   return out
+
+
+def apply_quick(flag_values, settings: dict) -> str:
+  """--quick: sets each absl flag of `settings` to its quick value unless the command line
+  gave it; returns what it set ('rounds=2 steps=15'), for the benchmark to print."""
+  applied = []
+  for name, value in settings.items():
+    if not flag_values[name].present:
+      flag_values[name].value = value
+      applied.append(f'{name}={",".join(map(str, value)) if isinstance(value, list) else value}')
+  return ' '.join(applied)

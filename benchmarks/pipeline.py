@@ -3,7 +3,7 @@
   python benchmarks/pipeline.py [--config=configs/vitg.py] [--rounds=5] [--images=512]
       [--batch_size=32] [--files=300] [--data_dir=DIR] [--core=K]
       [--torchvision_python=/opt/tvenv/bin/python] [--tv_api=v2|v1] [--tv_blur_kernel=7]
-      [--plan_json=PATH | --step_seconds=S --hosts=N] [--chips_per_host=N]
+      [--plan_json=PATH | --step_seconds=S --hosts=N] [--chips_per_host=N] [--quick]
 
 torchvision does not import beside the torch of `.[bench]` (2.13.0); give it a venv of its own:
   python -m venv /opt/tvenv && /opt/tvenv/bin/pip install torch==2.14.1 torchvision==0.29.1
@@ -331,6 +331,8 @@ def define_flags() -> None:
   F['plan_json'] = flags.DEFINE_string('plan_json', '', "File with lejepa_jax.plan's JSON line.")
   F['step_seconds'] = flags.DEFINE_float('step_seconds', 0.0, 'Train step time (without --plan_json).')
   F['hosts'] = flags.DEFINE_integer('hosts', 0, 'Hosts of the slice (without --plan_json).')
+  F['quick'] = flags.DEFINE_bool('quick', False, 'An answer in under 3 minutes (2 rounds of 128 '
+                                 'images, 60 JPEGs)')
   F['chips_per_host'] = flags.DEFINE_integer('chips_per_host', 0,
                                              "0: by plan's chip (4 for TPU VMs, 8 for GPU nodes).")
 
@@ -397,9 +399,14 @@ def host_needs(plan: dict | None, batch_size: int, rates: dict) -> list[str]:
   return lines
 
 
+QUICK = {'rounds': 2, 'images': 128, 'files': 60}
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  if F['quick'].value:
+    print('--quick:', machine_lib.apply_quick(flags.FLAGS, QUICK), flush=True)
   if F['rounds'].value < 1 or F['images'].value < 1 or F['batch_size'].value < 1:
     raise app.UsageError('--rounds, --images and --batch_size must be >= 1')
   config = F['config'].value

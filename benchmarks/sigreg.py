@@ -2,6 +2,7 @@
 
 python benchmarks/sigreg.py                      # N=1024, D=512, M=1024, T=17 (the reference sizes)
 python benchmarks/sigreg.py --n=512 --repeats=5  # other sizes
+python benchmarks/sigreg.py --quick              # under 3 minutes: N=512, M=256, 3 repeats
 
 Needs `pip install -e .[bench]` (torch==2.13.0) for the comparison (skipped, with a message, without it).
 The PyTorch side is the reference algorithm as the authors' library computes it: slices
@@ -105,7 +106,16 @@ def main():
   parser.add_argument('--knots', type=int, default=17, help='knots T')
   parser.add_argument('--repeats', type=int, default=10)
   parser.add_argument('--memory_n', type=int, default=8192, help='N for the memory figure')
+  parser.add_argument('--quick', action='store_true',
+                      help='an answer in under 3 minutes: N=512, M=256, 3 repeats, memory at N=2048 '
+                           '(flags given explicitly win)')
   args = parser.parse_args()
+  if args.quick:
+    quick = {'n': 512, 'slices': 256, 'repeats': 3, 'memory_n': 2048}
+    for name, value in quick.items():
+      if getattr(args, name) == parser.get_default(name):
+        setattr(args, name, value)
+    print('--quick:', ' '.join(f'{k}={getattr(args, k)}' for k in quick))
   n, d, m, k = args.n, args.dim, args.slices, args.knots
   print(f'jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cores'
         + (f'; torch {torch.__version__}, {torch.get_num_threads()} threads' if torch else ''))

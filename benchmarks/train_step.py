@@ -2,6 +2,7 @@
 
   python benchmarks/train_step.py [--config=configs/fmnist.py] [--rounds=10] [--steps=5]
       [--warmup=3] [--torch_adamw=default|foreach|fused] [--notorch_cls_only] [--breakdown]
+      [--quick]
 
 Needs `pip install -e .[bench]` (torch==2.13.0, CPU build).
 

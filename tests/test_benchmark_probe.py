@@ -34,3 +34,15 @@ def test_a_dtype_far_below_float32_is_skipped_and_said_so():
   slow = machine.slow_dtypes(seconds, {'torch bf16': 'torch f32', 'jnp bf16': 'jnp f32'})
   assert list(slow) == ['torch bf16']               # 0.02x: skipped; 0.25x is kept
   assert 'skipped' in slow['torch bf16'] and '0.020x' in slow['torch bf16']
+
+
+def test_quick_sets_the_flags_not_given_on_the_command_line():
+  from absl import flags
+  values = flags.FlagValues()
+  flags.DEFINE_integer('rounds', 6, '', flag_values=values)
+  flags.DEFINE_integer('steps', 40, '', flag_values=values)
+  flags.DEFINE_list('minutes', ['10', '20'], '', flag_values=values)
+  values(['benchmark', '--steps=7'])
+  said = machine.apply_quick(values, {'rounds': 2, 'steps': 15, 'minutes': ['1']})
+  assert (values.rounds, values.steps, values.minutes) == (2, 7, ['1'])
+  assert said == 'rounds=2 minutes=1'
