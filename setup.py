@@ -34,5 +34,8 @@ setup(
         # (no TPU needed); gcsfs lets etils.epath reach gs:// without TensorFlow;
         # google-cloud-storage lets tensorboardX write event files to gs://.
         'tpu': ['jax[tpu]>=0.8,<0.11', 'gcsfs', 'google-cloud-storage'],
+        # python -m lejepa_jax.plan --topology=h100-8 compiles for GPUs without a GPU (the
+        # CUDA PJRT plugin and NVIDIA's libraries, about 5.5 GB); GPU training needs it too.
+        'gpu': ['jax[cuda12]>=0.8,<0.11'],
     },
 )

@@ -83,10 +83,11 @@ def setup() -> None:
 def accelerator_needs(config, cpu_devices: int) -> list[str]:
   """What in `config` asks for a TPU or GPU, one phrase each (empty: the CPU will do)."""
   needs = []
-  dtype = str((config.get('model') or {}).get('dtype', 'float32'))
+  config = config_schema.resolve(config)
+  dtype = str(config.model.dtype)
   if dtype != 'float32':
     needs.append(f'model.dtype={dtype!r} (CPUs have no fast {dtype})')
-  mesh = dict(config.get('mesh') or {})
+  mesh = dict(config.mesh)
   try:
     fixed = math.prod(int(v) for v in mesh.values() if int(v) != -1)
   except (TypeError, ValueError):

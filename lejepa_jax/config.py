@@ -24,7 +24,11 @@ from lejepa_jax import stats
 from lejepa_jax import steps
 from lejepa_jax.data import host_resources
 from lejepa_jax.data import sources
+from lejepa_jax.config_schema import resolve
 from lejepa_jax.evaluators import suite
+
+__all__ = ['ConfigError', 'check_data', 'check_divisible', 'crop_problems', 'prepare', 'resolve',
+           'total_steps', 'validate']
 
 
 class ConfigError(ValueError):
@@ -63,6 +67,7 @@ def validate(config) -> None:
   problems += suite.problems(config)
   if problems:   # values of misspelt or missing keys cannot be checked meaningfully
     raise ConfigError('bad config: ' + '; '.join(problems))
+  config = resolve(config)
   if config.loss_convention not in losses.CONVENTIONS:
     problems.append(f'loss_convention={config.loss_convention!r}: one of {losses.CONVENTIONS}')
   if config.loss_convention == 'convex' and not 0.0 <= config.lamb <= 1.0:
@@ -74,9 +79,9 @@ def validate(config) -> None:
   statistic = steps.regulariser_options(config.sigreg)['statistic']
   if statistic not in stats.STATISTICS:
     problems.append(f'sigreg.statistic={statistic!r}: one of {stats.STATISTICS}')
-  if config.sigreg.get('quadrature', 'trapezoid') not in sigreg.QUADRATURES:
+  if config.sigreg.quadrature not in sigreg.QUADRATURES:
     problems.append(f'sigreg.quadrature={config.sigreg.quadrature!r}: one of {sigreg.QUADRATURES}')
-  if not config.get('total_steps') and not config.get('epochs'):
+  if not config.total_steps and not config.epochs:
     problems.append('total_steps and epochs are both 0: set --config.total_steps=N or '
                     '--config.epochs=N')
   if config.batch_size < 1 or config.eval.batch_size < 1:
@@ -99,24 +104,23 @@ def validate(config) -> None:
       problems.append(f'data.std={values}: every value must be > 0')
   if config.checkpoint_every < 1 or config.log_every < 1:
     problems.append('checkpoint_every and log_every must be >= 1')
-  if config.get('checkpoint_max_to_keep', 2) < 1 or config.get('checkpoint_keep_every', 0) < 0:
+  if config.checkpoint_max_to_keep < 1 or config.checkpoint_keep_every < 0:
     problems.append('checkpoint_max_to_keep must be >= 1 and checkpoint_keep_every >= 0 (0: none)')
-  if (config.eval.get('features') or 'probe') not in models.FEATURE_KINDS:
+  if config.eval.features and config.eval.features not in models.FEATURE_KINDS:
     problems.append(f'eval.features={config.eval.features!r}: one of '
                     f'{sorted(models.FEATURE_KINDS)}')
-  elif not config.model.get('embedding_dim', 0) and (
-      config.eval.get('features') == 'head' or any(
-          dict(e).get('features') == 'head' for e in (config.get('evals') or {}).values()
-          if hasattr(e, 'get'))):
+  elif not config.model.embedding_dim and (
+      config.eval.features == 'head' or any(
+          dict(e).get('features') == 'head' for e in config.evals.values() if hasattr(e, 'get'))):
     problems.append("features 'head' need a head: set model.embedding_dim > 0")
-  if config.optim.get('weight_decay_on', 'kernels') not in optim.WEIGHT_DECAY_ON:
+  if config.optim.weight_decay_on not in optim.WEIGHT_DECAY_ON:
     problems.append(f'optim.weight_decay_on={config.optim.weight_decay_on!r}: one of '
                     f'{optim.WEIGHT_DECAY_ON}')
-  if config.get('nonfinite', 'stop') not in steps.NONFINITE_POLICIES:
+  if config.nonfinite not in steps.NONFINITE_POLICIES:
     problems.append(f'nonfinite={config.nonfinite!r}: one of {steps.NONFINITE_POLICIES}')
-  if config.get('nonfinite_max_skips', 10) < 1:
+  if config.nonfinite_max_skips < 1:
     problems.append('nonfinite_max_skips must be >= 1')
-  if d.get('verify_images', 'auto') not in sources.VERIFY_MODES:
+  if d.verify_images not in sources.VERIFY_MODES:
     problems.append(f'data.verify_images={d.verify_images!r}: one of {sources.VERIFY_MODES}')
   problems.extend(host_resources.problems(d))
   if problems:
@@ -124,9 +128,10 @@ def validate(config) -> None:
 
 
 def total_steps(config, train_size: int) -> int:
-  if config.get('total_steps'):
+  config = resolve(config)
+  if config.total_steps:
     return int(config.total_steps)
-  if config.get('epochs'):
+  if config.epochs:
     return max(1, int(config.epochs * train_size // config.batch_size))
   raise ConfigError('config needs total_steps or epochs: set --config.total_steps=N')
 
@@ -148,10 +153,10 @@ def check_divisible(config, dp: int, blocks: int) -> None:
 
 def check_data(config, train_source, test_source) -> None:
   """What only the data can tell: enough records, and the channels the config expects."""
-  d = config.data
+  d = resolve(config).data
   for split, source in ((d.train_split, train_source), (d.test_split, test_source)):
     if not len(source):
-      raise sources.MissingDataError(f'{d.name} split {split!r} under data.dir={d.get("dir")!r} '
+      raise sources.MissingDataError(f'{d.name} split {split!r} under data.dir={d.dir!r} '
                                      'has no records: point data.dir at the data')
     image = np.asarray(source[0]['image'])
     channels = image.shape[-1] if image.ndim == 3 else 1
@@ -167,6 +172,7 @@ def check_data(config, train_source, test_source) -> None:
 @dataclasses.dataclass(frozen=True)
 class Prepared:
   """What `prepare` found and built: nothing written, nothing compiled yet."""
+  config: Any                        # resolved: every key present (config_schema.resolve)
   mesh: Any
   feed: sharding_lib.Feed            # which block of each global batch this process reads
   train_source: Any
@@ -179,16 +185,17 @@ def prepare(config, devices=None, *, train_source=None, test_source=None) -> Pre
   """validate, the mesh over `devices` (default: all), the batch sizes against it, the two
   splits (opened unless given) and what they hold, the step count and `steps.build`."""
   validate(config)
-  mesh = sharding_lib.make_mesh(config.get('mesh'), devices)
+  config = resolve(config)
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
   try:
     feed = sharding_lib.batch_feed(mesh)
   except sharding_lib.MeshFeedError as e:
-    raise ConfigError(f'bad config: mesh={dict(config.get("mesh") or {})}: {e}') from None
+    raise ConfigError(f'bad config: mesh={dict(config.mesh)}: {e}') from None
   check_divisible(config, sharding_lib.data_parallel_size(mesh), feed.count)
   d = config.data
   train_source = train_source or sources.get_source(d, d.train_split)
   test_source = test_source or sources.get_source(d, d.test_split)
   check_data(config, train_source, test_source)
   steps_total = total_steps(config, len(train_source))
-  return Prepared(mesh=mesh, feed=feed, train_source=train_source, test_source=test_source,
+  return Prepared(config=config, mesh=mesh, feed=feed, train_source=train_source, test_source=test_source,
                   total_steps=steps_total, programs=steps.build(config, mesh, steps_total))

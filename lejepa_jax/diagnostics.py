@@ -33,6 +33,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lejepa_jax import config_schema
 from lejepa_jax import sharding as sharding_lib
 from lejepa_jax import sigreg as sigreg_lib
 from lejepa_jax.data import sources
@@ -47,8 +48,10 @@ RANKME_EPS = 1e-7          # the paper's epsilon
 #     projector collapses in SCALE, not in rank; hence the
 #   projector per-dimension variance (mean; SIGReg's target is 1): lamb=0 0.069 at step 50,
 #     0.0026 at 300; lamb=0.1 >= 0.64 (init 0.32).
-MIN_RANK_FRACTION = 0.1    # RankMe below this x min(N, D): dimensional collapse
-MIN_PROJ_VAR = 0.1         # projector var_mean below this (target 1): collapse towards a point
+# RankMe below this x min(N, D): dimensional collapse
+MIN_RANK_FRACTION = config_schema.KEYS['diagnostics.min_rank_fraction'].default
+# projector var_mean below this (target 1): collapse towards a point
+MIN_PROJ_VAR = config_schema.KEYS['diagnostics.min_proj_var'].default
 MIN_VAR_RATIO = 1e-6       # var_max / mean_norm^2 below this: rows ~ one point (any scale)
 
 ARRAY_KEYS = ('emb_spectrum', 'proj_spectrum', 'emb_slices', 'proj_slices')
@@ -190,13 +193,13 @@ class Monitor:
 
   def __init__(self, config, programs, source):
     from lejepa_jax.data import pipeline      # the data stack only where a run uses it
-    d = config.get('diagnostics') or {}
-    self.every = int(d.get('every', 0))
-    self.min_rank_fraction = float(d.get('min_rank_fraction', MIN_RANK_FRACTION))
-    self.min_proj_var = float(d.get('min_proj_var', MIN_PROJ_VAR))
+    d = config_schema.resolve(config).diagnostics
+    self.every = int(d.every)
+    self.min_rank_fraction = float(d.min_rank_fraction)
+    self.min_proj_var = float(d.min_proj_var)
     if not self.every:
       return
-    n = min(int(d.get('num_images', 512)), len(source))
+    n = min(int(d.num_images), len(source))
     dp = sharding_lib.data_parallel_size(programs.mesh)
     feed = sharding_lib.batch_feed(programs.mesh)   # its block count divides dp
     n -= n % dp       # a global batch must split evenly (the same n on any process count)

@@ -27,6 +27,9 @@ import numpy as np
 
 FORMAT = 'lejepa_jax.encoder'
 FORMAT_VERSION = 1
+# The model keys added to config.json after version 1 first shipped, with what exports made
+# before them ran (read_config fills them in).
+EARLIER_MODEL_KEYS = {'gelu': 'tanh', 'head_dim': 0}
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
 PREFIX = 'encoder/'
@@ -101,8 +104,7 @@ def vit_config(config: dict, *, dtype=None, attention=None, scan=None):
       patch_size=m['patch_size'], image_size=m['image_size'], num_registers=m['num_registers'],
       dtype=jnp.dtype(dtype or m['dtype']), remat='none',
       scan=m['scan'] if scan is None else scan, attention=attention,
-      gelu=m.get('gelu', 'tanh'),   # exports made before the key existed: tanh
-      head_dim=m.get('head_dim', 0))
+      gelu=m['gelu'], head_dim=m['head_dim'])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -168,10 +170,11 @@ def read_config(path) -> dict:
     raise ValueError(f'{file} is an export for timm (PyTorch): load it with timm.create_model('
                      "**json.load(open('timm.json'))) and load_state_dict, or export again "
                      'without --format=timm for lejepa_jax.load_encoder')
-  if config.get('format') != FORMAT or config.get('format_version', 0) > FORMAT_VERSION:
+  version = config.get('format_version') or 0
+  if config.get('format') != FORMAT or version > FORMAT_VERSION:
     raise ValueError(f'{file} is not a {FORMAT} export of version <= {FORMAT_VERSION} '
-                     f'(format={config.get("format")!r}, '
-                     f'format_version={config.get("format_version")!r})')
+                     f'(format={config.get("format")!r}, format_version={version!r})')
+  config['model'] = {**EARLIER_MODEL_KEYS, **config['model']}
   return config
 
 

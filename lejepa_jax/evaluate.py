@@ -31,9 +31,6 @@ _PLOTS = flags.DEFINE_bool('plots', True, 'Write the PNG plots into DIR/plots/ a
 flags.mark_flags_as_required(['workdir'])
 
 # eval.* keys a workdir's stored config may lack, with the default the run used.
-OVERRIDABLE = {'features': 'probe', 'max_examples': 0}
-
-
 def evaluate_workdir(config, workdir, *, step: int | None = None, names=None,
                      devices=None) -> tuple[int, dict]:
   """(step, {'eval/NAME_KEY': value}) of the evaluators `names` (default: all of
@@ -47,6 +44,7 @@ def evaluate_workdir(config, workdir, *, step: int | None = None, names=None,
   from lejepa_jax.evaluators import suite
 
   config_lib.validate(config)
+  config = config_lib.resolve(config)
   try:
     run_specs = suite.specs(config, names)
   except KeyError as e:
@@ -103,13 +101,10 @@ def define_config_flag(argv) -> None:
     return
   workdir = cli.flag_value(argv, 'workdir')
   try:
+    # every key present (workdir.load_config): --config.KEY=VALUE works on any of them
     config = run_config.load(workdir) if workdir else ml_collections.ConfigDict()
   except FileNotFoundError:
     config = ml_collections.ConfigDict()      # main() reports it
-  if 'eval' in config:     # keys this command changes, present even where the run's config
-    for key, default in OVERRIDABLE.items():  # predates them (--config.KEY needs the key)
-      if key not in config.eval:
-        config.eval[key] = default
   try:     # the config dict flag applies --config.KEY=VALUE of argv here already
     config_flags.DEFINE_config_dict('config', config, 'The run\'s config (DIR/config.json).',
                                     lock_config=True)

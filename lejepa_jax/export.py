@@ -34,6 +34,7 @@ from absl import logging
 from etils import epath
 
 from lejepa_jax import cli
+from lejepa_jax import config_schema
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a run (config.json, checkpoints/).')
 _OUT = flags.DEFINE_string('out', None, 'Output directory (created).')
@@ -57,6 +58,7 @@ def export_config(config, step: int, workdir: str) -> dict:
   import lejepa_jax
   from lejepa_jax import encoder as encoder_lib
   from lejepa_jax import models
+  config = config_schema.resolve(config)
   enc = models.build_model(config).encoder
   d = config.data
   channels = int(d.channels)
@@ -82,7 +84,7 @@ def export_config(config, step: int, workdir: str) -> dict:
       'channels': channels,
       'mean': [float(x) for x in tuple(d.mean)[:channels]],
       'std': [float(x) for x in tuple(d.std)[:channels]],
-      'eval_crop_fraction': float(d.get('eval_crop_fraction', 1.0)),
+      'eval_crop_fraction': float(d.eval_crop_fraction),
       'preprocessing': (
           'images (B, input_size, input_size, channels); uint8 scaled by 1/255 (float taken '
           'in [0, 1]), then (x - mean) / std per channel. From an image of any size, the '
@@ -141,11 +143,11 @@ def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool =
     raise ExportError(f'{workdir}/config.json cannot be read ({cli.describe_error(e)}): restore it or '
                       'train into a new workdir') from None
   try:
-    mesh = sharding_lib.make_mesh(config.get('mesh'))
+    mesh = sharding_lib.make_mesh(config.mesh)
   except ValueError:        # the run's mesh does not fit this machine: data parallel only
     mesh = sharding_lib.make_mesh({'data': -1})
   try:
-    programs = steps.build(config, mesh, total_steps=max(1, int(config.get('total_steps') or 1)))
+    programs = steps.build(config, mesh, total_steps=max(1, int(config.total_steps)))
   except (ValueError, KeyError, AttributeError) as e:
     raise ExportError(f'{workdir}/config.json does not describe a model this version of '
                       f'lejepa_jax builds ({cli.describe_error(e)})') from None

@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from lejepa_jax import config_schema
+
 # optim.weight_decay_on -> which parameters AdamW decays.
 WEIGHT_DECAY_ON = ('kernels', 'all')
 
@@ -61,13 +63,11 @@ def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
   The probe sees stop-gradient features, so the two never interact; they share the
   schedule's shape (warmup, end_lr, weight_decay_on).
   """
-  o = config.optim
-  end_lr = o.get('end_lr', -1.0)
-  shape = dict(end_lr=None if end_lr < 0 else end_lr,
-               warmup_start_factor=o.get('warmup_start_factor', 0.0),
-               weight_decay_on=o.get('weight_decay_on', 'kernels'))
+  o = config_schema.resolve(config).optim
+  shape = dict(end_lr=None if o.end_lr < 0 else o.end_lr,
+               warmup_start_factor=o.warmup_start_factor, weight_decay_on=o.weight_decay_on)
   model_tx = adamw(o.lr, total_steps, o.warmup_steps, o.weight_decay, o.b1, o.b2,
-                   o.get('clip_norm'), **shape)
+                   o.clip_norm, **shape)
   probe_tx = adamw(o.probe_lr, total_steps, o.warmup_steps, o.probe_weight_decay, **shape)
 
   def labels(params):

@@ -172,10 +172,10 @@ def load_run(workdir: str, metric: str, loss_key: str, last_n: int) -> Run:
     raise Skip(f'no {loss_key} logged at steps <= {step}')
   if not math.isfinite(loss):
     raise Skip(f'final {loss_key} is {loss} (steps {list(loss_steps)})')
-  optim = config.get('optim') or {}
-  return Run(dir=workdir, lamb=float(lamb), lr=float(optim.get('lr', math.nan)), loss=loss,
-             accuracy=accuracy, step=step, loss_steps=loss_steps,
-             convention=str(config.get('loss_convention', '?')))
+  lr = config.optim.lr if 'optim' in config and 'lr' in config.optim else math.nan
+  return Run(dir=workdir, lamb=float(lamb), lr=float(lr), loss=loss, accuracy=accuracy,
+             step=step, loss_steps=loss_steps,
+             convention=str(config.get('loss_convention') or '?'))
 
 
 def load_runs(workdirs: Iterable[str], metric: str, loss_key: str, last_n: int):

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lejepa_jax import config_schema
 from lejepa_jax import losses
 from lejepa_jax import models
 from lejepa_jax import optim
@@ -45,11 +46,12 @@ def regulariser_options(sigreg_config) -> dict:
   sigreg.statistic (default 'epps_pulley'); Epps-Pulley reads sigreg.t_max,
   sigreg.num_points and sigreg.quadrature; sigreg.options (a dict) goes to any statistic.
   """
-  statistic = sigreg_config.get('statistic', 'epps_pulley')
-  options = dict(sigreg_config.get('options', None) or {})
+  sigreg_config = config_schema.resolve(sigreg_config, 'sigreg')
+  statistic = sigreg_config.statistic
+  options = dict(sigreg_config.options)
   if statistic == 'epps_pulley':
     options.update(t_max=sigreg_config.t_max, num_points=sigreg_config.num_points,
-                   quadrature_rule=sigreg_config.get('quadrature', 'trapezoid'))
+                   quadrature_rule=sigreg_config.quadrature)
   return dict(statistic=statistic, num_slices=sigreg_config.num_slices, **options)
 
 
@@ -123,7 +125,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, config):
   finite = grads_finite & jnp.isfinite(aux['loss']) & jnp.isfinite(aux['probe_loss'])
   aux['finite'], aux['grads_finite'] = finite, grads_finite
   skipped, streak = state.skipped_steps, state.nonfinite_streak
-  if config.get('nonfinite', 'stop') == 'skip':
+  if config.nonfinite == 'skip':
     def keep_if_bad(new, old):
       return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     params = keep_if_bad(params, state.params)
@@ -168,6 +170,7 @@ class Programs:
 
 def build(config, mesh, total_steps: int) -> Programs:
   """The model, optimizer, state shardings and jitted functions of `config` on `mesh`."""
+  config = config_schema.resolve(config)
   model = models.build_model(config)
   tx = optim.make_optimizer(config, total_steps)
 
@@ -175,7 +178,7 @@ def build(config, mesh, total_steps: int) -> Programs:
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
     variables = model.init(init_rng, *_dummy_views(config), train=False)
     return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
-                      batch_stats=variables.get('batch_stats', {}),
+                      batch_stats=variables['batch_stats'],
                       opt_state=tx.init(variables['params']), rng=state_rng,
                       skipped_steps=jnp.zeros((), jnp.int32),
                       nonfinite_streak=jnp.zeros((), jnp.int32))
@@ -205,7 +208,7 @@ def build(config, mesh, total_steps: int) -> Programs:
                                                          method=models.LeJEPAModel.features),
                    in_shardings=(variables(state_shardings), batch), out_shardings=batch)
 
-  features = features_of((config.eval.get('features') or 'probe',))
+  features = features_of((config.eval.features or 'probe',))
   return Programs(model=model, tx=tx, mesh=mesh, abstract_state=abstract_state,
                   state_shardings=state_shardings, init=init, train_step=step,
                   features=features, features_of=features_of)

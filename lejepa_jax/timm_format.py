@@ -64,7 +64,7 @@ def timm_arguments(model: dict, *, input_size: int, channels: int) -> dict:
            model['patch_size'])
   name = _timm_name(shape)
   # num_classes: timm's head, our model.embedding_dim (0: none, the pooled CLS is the output).
-  args = {'model_name': name, 'pretrained': False, 'num_classes': model.get('head_dim', 0),
+  args = {'model_name': name, 'pretrained': False, 'num_classes': model['head_dim'],
           'img_size': input_size}
   width, depth, mlp_dim, num_heads, patch = TIMM_VITS[name]
   if (width, depth, num_heads) != shape[:2] + shape[3:4]:
@@ -80,7 +80,7 @@ def timm_arguments(model: dict, *, input_size: int, channels: int) -> dict:
     args['in_chans'] = channels
   if model.get('num_registers'):
     args.update(reg_tokens=model['num_registers'], no_embed_class=True)
-  if model.get('gelu', 'tanh') == 'tanh':
+  if model['gelu'] == 'tanh':
     args['act_layer'] = 'gelu_tanh'
   return args
 

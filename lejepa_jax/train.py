@@ -48,8 +48,9 @@ class _FiniteGuard:
   TERMS = ('inv', 'sigreg', 'loss', 'probe_loss')
 
   def __init__(self, config, mngr):
-    self.policy = config.get('nonfinite', 'stop')
-    self.max_skips = int(config.get('nonfinite_max_skips', 10))
+    config = config_lib.resolve(config)
+    self.policy = config.nonfinite
+    self.max_skips = int(config.nonfinite_max_skips)
     self.mngr = mngr
 
   def _terms(self, m) -> str:
@@ -217,8 +218,8 @@ def _resume_batch(config, step: int, position: dict | None) -> int:
   """
   if position is None:
     return step
-  saved_batch = position.get('global_batch_size', config.batch_size)
-  if saved_batch == config.batch_size:
+  saved_batch = position.get('global_batch_size')     # absent in older checkpoints: unchanged
+  if saved_batch in (None, config.batch_size):
     return position['next_batch']
   records = position['next_batch'] * saved_batch
   logging.warning('batch_size changed from %d (checkpoint) to %d: the data stream resumes at '
@@ -239,6 +240,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
   # Everything up to steps.build checks the config, the devices and the data without
   # writing anything: a bad value or a missing/corrupt file leaves the workdir as it was.
   config_lib.validate(config)
+  config = config_lib.resolve(config)    # every key present: stored so in config.json too
   workdir = epath.Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise ConfigError(f'--workdir={workdir} is a file, not a directory: pass a directory')
@@ -263,8 +265,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     run_config.save(workdir, config)
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
-  mngr = ckpt_lib.manager(workdir, max_to_keep=config.get('checkpoint_max_to_keep', 2),
-                          keep_every=config.get('checkpoint_keep_every', 0))
+  mngr = ckpt_lib.manager(workdir, max_to_keep=config.checkpoint_max_to_keep,
+                          keep_every=config.checkpoint_keep_every)
 
   runner = suite.Runner(config, programs, train_source=train_source, test_source=test_source)
   with sharding_lib.activate(mesh):
@@ -288,7 +290,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
   _log_results(steps_total, results)
   print(f'[lejepa_jax] final frozen evaluation on {config.data.test_split}: '
         + summary(results), flush=True)
-  if jax.process_index() == 0 and (config.get('diagnostics') or {}).get('plots', True):
+  if jax.process_index() == 0 and config.diagnostics.plots:
     write_plots(workdir)
   return results
 

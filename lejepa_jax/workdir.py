@@ -20,6 +20,8 @@ from etils import epath
 import ml_collections
 import numpy as np
 
+from lejepa_jax import config_schema
+
 CONFIG_FILE = 'config.json'
 METRICS_FILE = 'metrics.jsonl'
 PLOTS_DIR = 'plots'
@@ -68,15 +70,16 @@ def _evaluators_as_stored(config: dict) -> dict:
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:
-  """The config a run in `workdir` was started with (see _evaluators_as_stored for configs
-  stored by earlier versions)."""
+  """The config a run in `workdir` was started with, every key present (the defaults of
+  config_schema where a config stored by an earlier version lacks one; see also
+  _evaluators_as_stored)."""
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(f'{path} does not exist: not a lejepa_jax workdir, or one made '
                             'before configs were stored; pass --config=configs/NAME.py with '
                             'the overrides the run used')
   stored = _evaluators_as_stored(json.loads(path.read_text()))
-  return ml_collections.ConfigDict(_tuples(stored))
+  return config_schema.resolve(ml_collections.ConfigDict(_tuples(stored)))
 
 
 # ---------------------------------------------------------------- metrics.jsonl
@@ -148,7 +151,7 @@ def save_arrays(workdir, step: int, arrays: dict, *, max_steps: int = MAX_ARRAY_
   workdir.mkdir(parents=True, exist_ok=True)
   new = {k: np.asarray(v) for k, v in arrays.items()}
   old = load_arrays(workdir)
-  steps = old.get('steps', np.zeros((0,), np.int64))
+  steps = old['steps'] if 'steps' in old else np.zeros((0,), np.int64)
   keep = steps < step
   if set(old) - {'steps'} != set(new) or any(old[k].shape[1:] != new[k].shape for k in new):
     keep[:] = False

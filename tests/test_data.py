@@ -82,6 +82,7 @@ def test_resample_matrix_is_pillows_bilinear_resize(box, size):
 
 @pytest.mark.parametrize('channels', [1, 3])
 def test_small_and_large_images_are_cropped_alike(channels, monkeypatch):
+  # Private helper and threshold: both resize paths on the same crops, chosen by that threshold.
   image = np.random.default_rng(3).integers(0, 256, (40, 50, channels), dtype=np.uint8)
   boxes = [(0, 0, 40, 50), (3, 5, 11, 17), (10, 2, 30, 33)]
   monkeypatch.setattr(augment, '_MATRIX_MAX_PIXELS', 10**9)
@@ -128,6 +129,7 @@ def test_gaussian_blur_matches_an_explicit_reflect_filter(scipy_from, monkeypatc
 
 
 def test_hue_shift_matches_colorsys():
+  # Private helper: the hue step alone against colorsys (jitter draws it among other steps).
   import colorsys
   rgb = np.random.default_rng(3).random((5, 3)).astype(np.float32)
   out = augment._adjust_hue(rgb, 0.25)

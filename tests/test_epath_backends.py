@@ -201,6 +201,7 @@ def _tree(base):
 
 
 def test_unreadable_checkpoint_is_set_aside_on_an_object_store(gcs):
+  # Private helper: a restore failure that reaches it needs a broken Orbax tree on fake GCS.
   mngr = _Manager('gs://bucket/run/checkpoints')
   _write('gs://bucket/run/checkpoints/12', CHECKPOINT)
   _write('gs://bucket/run/checkpoints/6', {'_CHECKPOINT_METADATA': b'{"step": 6}'})

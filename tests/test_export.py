@@ -57,6 +57,29 @@ def run(tmp_path_factory):
   return workdir, out, result.stdout
 
 
+def test_the_run_stores_its_config_with_every_key(run):
+  """config.json holds every key (defaults included): the run reads the same way whatever
+  defaults a later version has, and --config.KEY=VALUE of evaluate finds each key."""
+  from lejepa_jax import config_schema
+  workdir, _, _ = run
+  stored = json.load(open(os.path.join(workdir, 'config.json')))
+  assert set(config_schema.flatten(stored)) == set(config_schema.KEYS)
+  assert stored['model']['gelu'] == fmnist.get_config('runlocal').model.gelu
+  assert stored['evals'] == {} and stored['optim']['end_lr'] == -1.0
+
+
+def test_an_export_made_before_gelu_and_head_dim_reads_as_it_ran(run, tmp_path):
+  from lejepa_jax import encoder as encoder_lib
+  _, out, _ = run
+  meta = json.load(open(os.path.join(out, 'config.json')))
+  for key in ('gelu', 'head_dim'):
+    del meta['model'][key]
+  (tmp_path / 'config.json').write_text(json.dumps(meta))
+  model = encoder_lib.read_config(tmp_path)['model']
+  assert (model['gelu'], model['head_dim']) == ('tanh', 0)
+  assert encoder_lib.vit_config(encoder_lib.read_config(tmp_path)).gelu == 'tanh'
+
+
 def _checkpoint(workdir):
   config = run_config.load(workdir)
   mesh = sharding_lib.make_mesh(config.get('mesh'))

@@ -56,6 +56,7 @@ def test_probe_features_are_the_last_two_block_cls_tokens():
 
 
 def test_position_embeddings_resize_for_local_grids():
+  # Private helper: the resize alone against a hand-computed bilinear ramp (no public seam).
   pos = jnp.arange(16.0).reshape(1, 16, 1)
   same = vit._resize_grid(pos, 4, 4)
   np.testing.assert_array_equal(same, pos)
@@ -204,6 +205,7 @@ def test_drop_path_schedule_is_timms_linear_one():
 
 
 def test_keep_scale_drops_whole_views_at_the_rate_and_scales_the_rest():
+  # Private helper: its statistics need thousands of rows no forward pass would give cheaply.
   rate, batch, views = 0.3, 4000, ((2, 5), (3, 2))     # 2 views of 5 tokens, 3 of 2
   scale = np.asarray(vit._keep_scale(jax.random.key(0), rate, batch, views, True, jnp.float32))
   assert scale.shape == (batch, 2 * 5 + 3 * 2, 1)

@@ -14,13 +14,11 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
-import portpicker
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import gloo_processes   # tests/gloo_processes.py
+
 FLAGS = ['--config=configs/vitg.py:runlocal', '--config.total_steps=12',
          '--config.checkpoint_every=6', '--config.log_every=1', '--config.diagnostics.plots=false']
 TRAIN_KEYS = ('train/loss', 'train/inv', 'train/sigreg', 'train/probe_loss', 'train/grad_norm')
@@ -30,30 +28,12 @@ pytestmark = pytest.mark.skipif(
     reason='needs the dataset-fashion-mnist Debian package')
 
 
-def _env():
-  """This environment (with conftest's persistent compilation cache: a resumed run loads the
-  executables its first run compiled, as a real rerun would) without the 8 fake devices."""
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
-  env['PYTHONPATH'] = ROOT
-  return env
-
-
 def _launch(workdir, processes, devices_per_process, flags=FLAGS):
-  base = [sys.executable, '-m', 'lejepa_jax.main', f'--workdir={workdir}',
-          f'--cpu_devices={devices_per_process}'] + list(flags)
-  if processes > 1:
-    port = portpicker.pick_unused_port()
-    commands = [base + [f'--coordinator_address=localhost:{port}',
-                        f'--num_processes={processes}', f'--process_id={i}']
-                for i in range(processes)]
-  else:
-    commands = [base]
-  procs = [subprocess.Popen(c, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for c in commands]
-  outputs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-4000:]
-  return outputs
+  results = gloo_processes.run('lejepa_jax.main', [f'--workdir={workdir}', *flags], processes,
+                               devices_per_process)
+  for out, code in results:
+    assert code == 0, out[-4000:]
+  return [out for out, _ in results]
 
 
 def _metrics(workdir):

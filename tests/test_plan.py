@@ -287,6 +287,60 @@ def test_compiles_for_a_tpu_topology_with_the_rules_sharding():
   assert r['flops'] > 0
 
 
+@pytest.mark.parametrize('spec, chip, chips, desc', [
+    ('h100-8', 'h100', 8, 'h100:1x8'), ('h100-2x8', 'h100', 16, 'h100:2x8'),
+    ('a100-8', 'a100', 8, 'a100:1x8'), ('h200-4x8', 'h200', 32, 'h200:4x8')])
+def test_parse_gpu_nodes(spec, chip, chips, desc):
+  t = plan.parse_topology(spec)
+  assert (t.chip.name, t.chips, t.desc, t.platform) == (chip, chips, desc, 'cuda')
+  # memory as CUDA reports it: below the spec sheet's 80 / 141 GB in GiB terms, above 75 GiB
+  assert 75 * GiB < plan.parse_topology('h100-8').chip.hbm_bytes < 80 * GiB
+  assert 135 * GiB < plan.parse_topology('h200-8').chip.hbm_bytes < 141 * GiB
+
+
+def test_gpu_target_config_is_the_proto_xla_reads():
+  from lejepa_jax.plan import topologies
+  text = topologies.gpu_target_config(topologies.GPU_SPECS['h100'])
+  # the fields of the public H100 target config (jax-ml/jax issue 28376) with its values
+  for line in ('core_count: 132', 'shared_memory_per_core: 233472', 'l2_cache_size: 52428800',
+               'device_memory_size: 84929347584', 'shared_memory_per_block_optin: 232448',
+               'cuda_compute_capability { major: 9 minor: 0 }', 'platform_name: "CUDA"'):
+    assert line in text
+
+
+_GPU_SCRIPT = textwrap.dedent('''
+    import json, sys
+    try:
+      import jax_cuda12_plugin  # noqa: F401
+    except ImportError:
+      print(json.dumps({'skip': 'the CUDA plugin is not installed (pip install -e .[gpu])'}))
+      sys.exit(0)
+    from configs import fmnist
+    from lejepa_jax import plan
+    c = fmnist.get_config('runlocal')
+    c.model.dtype = 'bfloat16'
+    topology = plan.parse_topology('h100-2x2')
+    devices = plan.compile_devices(topology, None)
+    r = plan.plan(c, topology, devices, with_exact_flops=True, log=lambda *a: None)
+    r['kinds'] = sorted({d.device_kind for d in devices})
+    r['processes'] = sorted({d.process_index for d in devices})
+    print(json.dumps(r))
+''')
+
+
+def test_compiles_for_gpu_nodes_without_a_gpu():
+  p = subprocess.run([sys.executable, '-c', _GPU_SCRIPT], cwd=ROOT, env=_env(),
+                     capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  r = json.loads(p.stdout.strip().splitlines()[-1])
+  if 'skip' in r:
+    pytest.skip(r['skip'])
+  assert r['platform'] == 'cuda' and r['chips'] == 4 and r['processes'] == [0, 1]
+  assert r['hbm_bytes_per_chip'] == 84_929_347_584 and r['simulated_devices'] is False
+  assert r['fits'] is True and r['functions']['train_step']['total'] > 0
+  assert r['flops_per_step'] > 0          # from the CPU lowering: GPU cost analysis has none
+
+
 def test_flops_extrapolated_in_depth_equal_the_unrolled_program():
   """exact_flops at depth 4 (from depths 1 and 2) = the cost of the unrolled depth-4 program,
   while XLA's count of the scanned program sees one block only."""

@@ -125,7 +125,7 @@ def test_the_gelu_choice_matters_to_timm():
                       jax.random.key(3))
   ours = np.asarray(module.apply({'params': params}, images)['cls'])
   model = {'width': cfg.width, 'depth': 2, 'mlp_dim': cfg.mlp_dim, 'num_heads': cfg.num_heads,
-           'patch_size': 8, 'num_registers': 0, 'gelu': 'tanh'}
+           'patch_size': 8, 'num_registers': 0, 'gelu': 'tanh', 'head_dim': 0}
   args = timm_format.timm_arguments(model, input_size=16, channels=3)
   assert args['act_layer'] == 'gelu_tanh'
   state = {k: torch.from_numpy(v) for k, v in timm_format.timm_state_dict(

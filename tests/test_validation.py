@@ -249,6 +249,84 @@ def test_unknown_and_missing_keys_of_a_config_dict():
   assert 'data.channels is missing' in message and 'pipeline' not in message
 
 
+def _without_optional_keys(config):
+  """`config` with every key that has a default removed (sections left empty), but the
+  step count (one of total_steps and epochs must be given)."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    for key, spec in config_schema.KEYS.items():
+      *path, leaf = key.split('.')
+      node = c
+      for part in path:
+        node = node[part] if part in node else None
+        if node is None:
+          break
+      if (not spec.required and node is not None and leaf in node
+          and key not in ('total_steps', 'epochs')):
+        del node[leaf]
+  return c
+
+
+def test_resolve_gives_every_missing_key_its_default_and_keeps_the_rest():
+  given = fmnist.get_config('runlocal')
+  bare = _without_optional_keys(given)
+  assert 'gelu' not in bare.model and 'evals' not in bare
+  before = bare.to_json()
+  full = config_schema.resolve(bare)
+  bare_keys = set(config_schema.flatten(bare))
+  assert bare.to_json() == before                      # the given config is not changed
+  assert set(config_schema.flatten(full)) == set(config_schema.KEYS)
+  for key, spec in config_schema.KEYS.items():
+    value = full
+    for part in key.split('.'):
+      value = value[part]
+    if not spec.required and key not in bare_keys:
+      got = value.to_dict() if hasattr(value, 'to_dict') else value
+      assert got == spec.default, key
+  assert config_schema.resolve(full) is full           # nothing missing: the same object
+  # A value the config sets is kept; None counts as absent; a section resolves alone.
+  with given.unlocked():
+    given.model.gelu, given.model.attention = 'exact', None
+  kept = config_schema.resolve(given)
+  assert (kept.model.gelu, kept.model.attention) == ('exact', '')
+  assert config_schema.resolve(bare.data, 'data').num_threads == 2
+  # The bare config is a valid one: validate fills the same defaults.
+  train.validate(bare)
+
+
+# The defaults as they were read where each key was used, before the table (24ac89d). Stored
+# configs of earlier runs lack the keys added since; they resume and re-evaluate as they ran
+# only while these stay as they are (a new key's default must be the behaviour before it).
+DEFAULTS_OF_EARLIER_VERSIONS = {
+    'total_steps': 0, 'epochs': 0, 'checkpoint_max_to_keep': 2, 'checkpoint_keep_every': 0,
+    'nonfinite': 'stop', 'nonfinite_max_skips': 10, 'mesh': {'data': -1},
+    'sigreg.quadrature': 'trapezoid', 'sigreg.statistic': 'epps_pulley', 'sigreg.options': {},
+    'data.dir': '', 'data.image_key': 'image', 'data.label_key': 'label',
+    'data.verify_images': 'auto', 'data.resize_shorter': 0, 'data.eval_crop_fraction': 1.0,
+    'data.num_threads': 2, 'data.prefetch': 4, 'data.num_workers': 0,
+    'model.width': 0, 'model.depth': 0, 'model.mlp_dim': 0, 'model.num_heads': 0,
+    'model.num_registers': 0, 'model.dtype': 'float32', 'model.remat': 'none',
+    'model.drop_path_rate': 0.0, 'model.gelu': 'tanh', 'model.scan': True,
+    'model.cls_only_last': True, 'model.attention': '', 'model.embedding_dim': 0,
+    'model.online_probe_input': 'probe', 'model.projector_activation': 'gelu',
+    'optim.end_lr': -1.0, 'optim.warmup_start_factor': 0.0, 'optim.weight_decay_on': 'kernels',
+    'optim.clip_norm': 0.0, 'eval.max_examples': 0, 'eval.features': '',
+    'diagnostics.every': 0, 'diagnostics.num_images': 512, 'diagnostics.min_rank_fraction': 0.1,
+    'diagnostics.min_proj_var': 0.1, 'diagnostics.plots': True,
+    'evals': {'linear_probe': {'type': 'linear_probe'}, 'knn': {'type': 'knn'}},
+}
+
+
+def test_defaults_are_those_earlier_runs_ran_with():
+  table = {k: spec.default for k, spec in config_schema.KEYS.items() if not spec.required}
+  assert table == DEFAULTS_OF_EARLIER_VERSIONS
+  # and the model a config without them builds is the one those versions built
+  from lejepa_jax import models
+  enc = models.build_model(_without_optional_keys(fmnist.get_config('runlocal'))).encoder
+  assert (enc.gelu, enc.head_dim, enc.num_registers, enc.remat, enc.scan, enc.attention,
+          enc.drop_path_rate) == ('tanh', 0, 0, 'none', True, None, 0.0)
+
+
 def test_schema_matches_the_shipped_configs_and_the_code():
   """Every shipped config passes; every required key is in each; no key is dead."""
   shipped = [fmnist.get_config(), fmnist.get_config('runlocal'), vitg.get_config(),
@@ -257,7 +335,7 @@ def test_schema_matches_the_shipped_configs_and_the_code():
   for c in shipped:
     train.validate(c)
     used |= set(config_schema.flatten(c))
-  optional = {k for k, (required, _) in config_schema.KEYS.items() if not required}
+  optional = {k for k, spec in config_schema.KEYS.items() if not spec.required}
   assert set(config_schema.KEYS) - used <= optional
   code = ''
   for dirpath, _, files in os.walk(os.path.join(ROOT, 'lejepa_jax')):

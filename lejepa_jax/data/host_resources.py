@@ -30,11 +30,12 @@ from typing import Mapping
 
 from absl import logging
 
+from lejepa_jax import config_schema
+
 AUTO = 'auto'
 MAX_AUTO_WORKERS = 32      # the per-host number configs/vitg.py had before 'auto'
 MAX_AUTO_THREADS = 16
 MIN_CORES_FOR_WORKERS = 4  # below: threads only (the main process needs a core of its own)
-DEFAULT_THREADS, DEFAULT_WORKERS = 2, 0   # when a config does not set the keys
 LOCAL_PROCESS_KEYS = ('SLURM_STEP_TASKS_PER_NODE', 'SLURM_NTASKS_PER_NODE',
                       'OMPI_COMM_WORLD_LOCAL_SIZE', 'LOCAL_WORLD_SIZE')
 
@@ -70,9 +71,9 @@ def is_auto(value) -> bool:
 def problems(data_config) -> list[str]:
   """Bad values of data.num_workers / data.num_threads, one message each."""
   out = []
-  for key, default, minimum in (('num_workers', DEFAULT_WORKERS, 0),
-                                ('num_threads', DEFAULT_THREADS, 1)):
-    value = data_config.get(key, default)
+  data_config = config_schema.resolve(data_config, 'data')
+  for key, minimum in (('num_workers', 0), ('num_threads', 1)):
+    value = data_config[key]
     count = as_count(value)
     if not is_auto(value) and (count is None or count < minimum):
       out.append(f"data.{key}={value!r}: 'auto' (from this process's CPU cores) or an integer "
@@ -175,8 +176,8 @@ def grain_options(data_config, *, worker_processes: bool = True) -> tuple[int, i
   """(num_threads, num_workers) for Grain from data.num_threads / data.num_workers; the
   choice is logged once (the capped values as warnings)."""
   cores, reason = this_process_cores()
-  w = choose(data_config.get('num_workers', DEFAULT_WORKERS),
-             data_config.get('num_threads', DEFAULT_THREADS), cores=cores, reason=reason,
+  data_config = config_schema.resolve(data_config, 'data')
+  w = choose(data_config.num_workers, data_config.num_threads, cores=cores, reason=reason,
              worker_processes=worker_processes)
   what = 'data workers' if worker_processes else 'evaluation data workers'
   for line in w.warnings + (w.describe(what),):

@@ -26,6 +26,7 @@ from typing import Iterator
 import grain
 import numpy as np
 
+from lejepa_jax import config_schema
 from lejepa_jax.data import augment
 from lejepa_jax.data import host_resources
 
@@ -103,6 +104,7 @@ def train_dataset(source, data_config, *, seed: int, local_batch_size: int,
   blocks (`sharding.batch_feed(mesh)`: the process index and count unless replicas along
   'tensor' span processes).
   """
+  data_config = config_schema.resolve(data_config, 'data')
   global_batch = process_count * local_batch_size
   if len(source) < global_batch:
     raise ValueError(f'data set of {len(source)} records is smaller than one global batch of '
@@ -127,7 +129,7 @@ def train_dataset(source, data_config, *, seed: int, local_batch_size: int,
   # 'auto' or capped at this process's cores (host_resources: one process per GPU shares a node).
   threads, workers = host_resources.grain_options(data_config)
   read = grain.ReadOptions(num_threads=threads,
-                           prefetch_buffer_size=data_config.get('prefetch', 4))
+                           prefetch_buffer_size=data_config.prefetch)
   ds = ds.to_iter_dataset(read)
   if workers:
     # Workers take batches w::workers of this stream and interleave them back in order.
@@ -174,9 +176,10 @@ def eval_batches(source, data_config, *, local_batch_size: int, process_index: i
   process p gets rows [p*L, (p+1)*L) of it. 'mask' is 1 for real records, 0 for the zero
   padding past the end. Every process yields ceil(N / G) batches (global arrays need it).
   """
+  data_config = config_schema.resolve(data_config, 'data')
   num_batches = -(-len(source) // (process_count * local_batch_size))
   preprocess = EvalPreprocess(data_config.global_size, augment_spec(data_config),
-                              data_config.get('eval_crop_fraction', 1.0))
+                              data_config.eval_crop_fraction)
   slot = EvalSlot(source, preprocess, local_batch_size, process_index, process_count,
                   data_config.channels)
   # Lazy: only this process's records are read and preprocessed, by Grain threads.

@@ -35,6 +35,8 @@ import zlib
 
 import numpy as np
 
+from lejepa_jax import config_schema
+
 # Seeded subsets of a source (evaluation caps, the diagnostics batch): lejepa_jax/data/subsets.py,
 # re-exported here where callers found them first.
 from lejepa_jax.data.subsets import Subset, known_labels, sample, subset_indices  # noqa: F401
@@ -299,18 +301,18 @@ class FolderSource:
 
 def get_source(data_config, split: str):
   """The source named by data_config.name for `split`."""
-  name = data_config.name
+  data_config = config_schema.resolve(data_config, 'data')
+  name, data_dir = data_config.name, data_config.dir or None
   if name == 'fashion_mnist':
-    return fashion_mnist(data_config.get('dir'), split)
+    return fashion_mnist(data_dir, split)
   if name.startswith('tfds:'):
-    return TfdsSource(name[len('tfds:'):], split, data_config.get('dir'),
-                      data_config.get('image_key', 'image'), data_config.get('label_key', 'label'))
+    return TfdsSource(name[len('tfds:'):], split, data_dir, data_config.image_key,
+                      data_config.label_key)
   if name == 'folder':
-    if not data_config.get('dir'):
+    if not data_dir:
       raise MissingDataError('data.name="folder" needs data.dir: pass --config.data.dir=DIR '
                              '(DIR/SPLIT/CLASS/IMAGE.png)')
-    return FolderSource(os.fspath(data_config.dir), split,
-                        verify=data_config.get('verify_images', 'auto'),
-                        channels=data_config.get('channels', 3),
-                        resize_shorter=data_config.get('resize_shorter', 0))
+    return FolderSource(os.fspath(data_dir), split, verify=data_config.verify_images,
+                        channels=data_config.channels,
+                        resize_shorter=data_config.resize_shorter)
   raise ValueError(f"data.name must be 'fashion_mnist', 'tfds:NAME' or 'folder', got {name!r}")

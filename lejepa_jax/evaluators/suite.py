@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 from absl import logging
 
+from lejepa_jax import config_schema
 from lejepa_jax import preemption
 from lejepa_jax import sharding as sharding_lib
 from lejepa_jax import models
@@ -61,18 +62,19 @@ TYPES: dict[str, tuple[Any, dict]] = {
 }
 # Types that read only the test split's features.
 TEST_ONLY = frozenset({'online_probe'})
-COMMON = ('type', 'every', 'max_examples', 'features')
+# Options of every evaluator besides `type`, with their defaults (see Spec).
+ENTRY_DEFAULTS = {'every': 0, 'max_examples': 0, 'features': ''}
+COMMON = ('type', *ENTRY_DEFAULTS)
 # type -> the features of the protocol it follows (see the module docstring).
 PROTOCOL_FEATURES = {'linear_probe': 'probe', 'knn': 'embedding', 'fewshot': 'embedding'}
 
 
 def online_probe_kind(config) -> str:
   """The features the online probe is trained on (models.ONLINE_PROBE_INPUTS)."""
-  if config.model.get('online_probe_input', 'probe') == 'probe':
+  model = config_schema.resolve(config).model
+  if model.online_probe_input == 'probe':
     return 'probe'
-  return 'head' if config.model.get('embedding_dim', 0) else 'embedding'
-# What a config without `evals` gets: the paper's frozen protocol at the end of training.
-DEFAULT_EVALS = {'linear_probe': {'type': 'linear_probe'}, 'knn': {'type': 'knn'}}
+  return 'head' if model.embedding_dim else 'embedding'
 
 
 class Spec(NamedTuple):
@@ -94,7 +96,14 @@ def feature_kind(config, spec: Spec) -> str:
   else its own (own_features). The online probe always reads those it was trained on."""
   if spec.type == 'online_probe':
     return online_probe_kind(config)
-  return config.eval.get('features') or own_features(spec)
+  return config_schema.resolve(config).eval.features or own_features(spec)
+
+
+def feature_kinds(config, run_specs) -> tuple[str, ...]:
+  """The kinds one encoder pass extracts for `run_specs` (in order, each once); without
+  evaluators those of Programs.features (eval.features, else 'probe')."""
+  kinds = tuple(dict.fromkeys(feature_kind(config, s) for s in run_specs))
+  return kinds or (config_schema.resolve(config).eval.features or 'probe',)
 
 
 def metric_prefix(config, spec: Spec) -> str:
@@ -105,8 +114,9 @@ def metric_prefix(config, spec: Spec) -> str:
 
 
 def _entries(config) -> dict:
-  evals = config.get('evals')
-  return DEFAULT_EVALS if evals is None else {k: dict(v) for k, v in evals.items()}
+  """NAME -> the evaluator's entry as written (config_schema's default without `evals`)."""
+  evals = config_schema.resolve(config).evals
+  return {k: dict(v) if hasattr(v, 'items') else v for k, v in evals.items()}
 
 
 def problems(config) -> list[str]:
@@ -131,10 +141,11 @@ def problems(config) -> list[str]:
         hint = f' (did you mean {guess[0]}?)' if guess else ''
         out.append(f'evals.{name}.{key} is not an option of a {kind} evaluator{hint}; '
                    f'its options: {", ".join(allowed)}')
+    entry = {**ENTRY_DEFAULTS, **entry}
     for key in ('every', 'max_examples'):
-      if not isinstance(entry.get(key, 0), int) or entry.get(key, 0) < 0:
-        out.append(f'evals.{name}.{key}={entry.get(key)!r} must be an integer >= 0')
-    if entry.get('features', 'probe') not in models.FEATURE_KINDS:
+      if not isinstance(entry[key], int) or entry[key] < 0:
+        out.append(f'evals.{name}.{key}={entry[key]!r} must be an integer >= 0')
+    if entry['features'] and entry['features'] not in models.FEATURE_KINDS:
       out.append(f'evals.{name}.features={entry["features"]!r}: one of {sorted(models.FEATURE_KINDS)}')
   return out
 
@@ -154,14 +165,15 @@ def specs(config, names=None) -> list[Spec]:
     options = dict(TYPES[entry['type']][1])
     options.update({k: v for k, v in entry.items() if k not in COMMON})
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-    out.append(Spec(name, entry['type'], int(entry.get('every', 0)),
-                    int(entry.get('max_examples', 0)), options, entry.get('features') or ''))
+    entry = {**ENTRY_DEFAULTS, **entry}
+    out.append(Spec(name, entry['type'], int(entry['every']), int(entry['max_examples']),
+                    options, entry['features'] or ''))
   return out
 
 
 def cap(config, spec: Spec) -> int:
   """Images per split the evaluator sees (0: all)."""
-  return spec.max_examples or config.eval.get('max_examples', 0) or 0
+  return spec.max_examples or config_schema.resolve(config).eval.max_examples
 
 
 def programs(spec: Spec, train, test, num_classes: int, *, mesh, probe=None) -> list:
@@ -237,7 +249,7 @@ class Runner:
       n = cap(self.config, spec)
       if n not in cached:
         group = [s for s in run_specs if cap(self.config, s) == n]
-        kinds = tuple(dict.fromkeys(feature_kind(self.config, s) for s in group))
+        kinds = feature_kinds(self.config, group)
         test_only = all(s.type in TEST_ONLY for s in group)
         cached = {n: (kinds, self.features(variables, n, should_stop, kinds,   # one alive
                                            test_only=test_only))}

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lejepa_jax import config_schema
 from lejepa_jax.models.heads import LinearProbe, Projector
 from lejepa_jax.models.vit import ViT, ViTConfig, vit_config
 
@@ -102,22 +103,20 @@ def feature_dims(model: LeJEPAModel) -> dict[str, int]:
 
 
 def build_model(config) -> LeJEPAModel:
+  config = config_schema.resolve(config)
   m = config.model
   # width/depth/mlp_dim/num_heads override the variant table when set (> 0).
-  sizes = {k: m.get(k) or None for k in ('width', 'depth', 'mlp_dim', 'num_heads')}
+  sizes = {k: m[k] or None for k in ('width', 'depth', 'mlp_dim', 'num_heads')}
   enc = vit_config(m.variant, patch_size=m.patch_size, image_size=config.data.global_size,
-                   **sizes, num_registers=m.get('num_registers', 0),
-                   remat=m.get('remat', 'none'), scan=m.get('scan', True),
-                   attention=m.get('attention') or None,
-                   cls_only_last=m.get('cls_only_last', True),
-                   drop_path_rate=float(m.get('drop_path_rate', 0.0)),
-                   gelu=m.get('gelu', 'tanh'), head_dim=int(m.get('embedding_dim', 0)),
-                   dtype=jnp.dtype(m.get('dtype', 'float32')))
-  probe_input = m.get('online_probe_input', 'probe')
+                   **sizes, num_registers=m.num_registers, remat=m.remat, scan=m.scan,
+                   attention=m.attention or None, cls_only_last=m.cls_only_last,
+                   drop_path_rate=float(m.drop_path_rate), gelu=m.gelu,
+                   head_dim=int(m.embedding_dim), dtype=jnp.dtype(m.dtype))
+  probe_input = m.online_probe_input
   if probe_input not in ONLINE_PROBE_INPUTS:
     raise ValueError(f'model.online_probe_input must be one of {sorted(ONLINE_PROBE_INPUTS)}, '
                      f'got {probe_input!r}')
-  activation = m.get('projector_activation', 'gelu')
+  activation = m.projector_activation
   if activation not in Projector.ACTIVATIONS:
     raise ValueError(f'model.projector_activation must be one of '
                      f'{sorted(Projector.ACTIVATIONS)}, got {activation!r}')

@@ -91,15 +91,16 @@ def vit_config(variant: str, *, patch_size: int, image_size: int, **overrides) -
     raise ValueError(f'image size {image_size} is not a multiple of patch size {patch_size}')
   if base['width'] % base['num_heads']:
     raise ValueError(f'width {base["width"]} is not divisible by num_heads {base["num_heads"]}')
-  if overrides.get('remat', 'none') not in REMAT_POLICIES:
+  config = ViTConfig(patch_size=patch_size, image_size=image_size, **base)
+  if config.remat not in REMAT_POLICIES:
     raise ValueError(f'model.remat must be one of {sorted(REMAT_POLICIES)}')
-  if not 0.0 <= overrides.get('drop_path_rate', 0.0) < 1.0:
-    raise ValueError(f'model.drop_path_rate must lie in [0, 1), got {overrides["drop_path_rate"]}')
-  if overrides.get('gelu', 'tanh') not in GELUS:
-    raise ValueError(f"model.gelu must be one of {sorted(GELUS)}, got {overrides['gelu']!r}")
-  if overrides.get('attention') not in (None, 'xla', 'cudnn'):
-    raise ValueError(f"model.attention must be '', 'xla' or 'cudnn', got {overrides['attention']!r}")
-  return ViTConfig(patch_size=patch_size, image_size=image_size, **base)
+  if not 0.0 <= config.drop_path_rate < 1.0:
+    raise ValueError(f'model.drop_path_rate must lie in [0, 1), got {config.drop_path_rate}')
+  if config.gelu not in GELUS:
+    raise ValueError(f'model.gelu must be one of {sorted(GELUS)}, got {config.gelu!r}')
+  if config.attention not in (None, 'xla', 'cudnn'):
+    raise ValueError(f"model.attention must be '', 'xla' or 'cudnn', got {config.attention!r}")
+  return config
 
 
 def _dense_autodiff(x, kernel, bias):

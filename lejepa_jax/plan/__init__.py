@@ -1,14 +1,22 @@
-"""Plan a run before renting the slice: compile it ahead of time for a TPU topology.
+"""Plan a run before renting the slice: compile it ahead of time for a TPU slice or GPU nodes.
 
     python -m lejepa_jax.plan --config=configs/vitg.py --topology=v5p-128 [--search]
     python -m lejepa_jax.plan --config=configs/vitg.py --topology=v5p:4x4x4
+    python -m lejepa_jax.plan --config=configs/vitl14.py --topology=h100-8     # or h100-2x8
     python -m lejepa_jax.plan --config=configs/vitg.py:runlocal --topology=v5p --devices=8
     python -m lejepa_jax.plan ... --config.model.remat=full --config.batch_size=1024
 
 `--topology` is a Cloud TPU accelerator type (v4-N and v5p-N count TensorCores, so
 v5p-128 is 64 chips; v5litepod-N and v6e-N count chips) or a topology string
 (v5p:4x4x4, v5e:16x16, v4:4x4x4, v6e:8x8). libtpu (`pip install -e '.[tpu]'`)
-provides compile-only devices for it; no TPU is needed. `--devices=N` compiles for N
+provides compile-only devices for it; no TPU is needed. GPU nodes: CHIP-N (one node of N
+GPUs) or CHIP-MxN (M nodes), CHIP one of a100, h100, h200 (SXM parts): the CUDA plugin
+(`pip install -e '.[gpu]'`) gives compile-only GPUs from a device description written from
+NVIDIA's public specifications (topologies.GPU_SPECS); no GPU is needed. XLA's GPU compiler
+never reports running out of memory, so `fits` compares plan's own total per GPU with the
+memory JAX preallocates (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 by default; the JSON's
+gpu_memory_fraction). GPU flops come from the CPU lowering (the GPU cost analysis has
+none). `--devices=N` compiles for N
 simulated CPU devices instead (where libtpu is absent, or for GPU jobs: then
 --topology may name just the chip, e.g. v5p or h100, for its memory and peak);
 CPU compiles check the sharding, their memory numbers are the CPU compiler's.
@@ -91,14 +99,15 @@ sharding, printed as the compiler gives them; with --check, 2 when it does not f
 """
 from lejepa_jax.plan.topologies import (CHIPS, GiB, KNOWN_SPLIT_SIZES, MARGIN, RECOMPUTE_ORDER,
                                         Chip, PlanError, Topology, default_shape, eval_sizes,
-                                        libtpu_env, parse_topology, split_size, tpu_devices)
+                                        gpu_devices, libtpu_env, parse_topology, split_size,
+                                        tpu_devices)
 from lejepa_jax.plan.assessment import (Assessment, advice, assess, exact_flops, model_flops,
                                         per_chip_bytes, sharding_problems, with_overrides)
 from lejepa_jax.plan.fit_search import search
-from lejepa_jax.plan.report import define_flags, main, plan
+from lejepa_jax.plan.report import compile_devices, define_flags, main, plan
 
 __all__ = ['CHIPS', 'GiB', 'KNOWN_SPLIT_SIZES', 'MARGIN', 'RECOMPUTE_ORDER', 'Chip', 'PlanError',
            'Topology', 'default_shape', 'eval_sizes', 'libtpu_env', 'parse_topology',
            'split_size', 'tpu_devices', 'Assessment', 'advice', 'assess', 'exact_flops',
            'model_flops', 'per_chip_bytes', 'sharding_problems', 'with_overrides', 'search',
-           'define_flags', 'main', 'plan']
+           'compile_devices', 'define_flags', 'gpu_devices', 'main', 'plan']

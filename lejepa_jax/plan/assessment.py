@@ -10,6 +10,7 @@ from typing import Any
 
 import ml_collections
 
+from lejepa_jax import config_schema
 from lejepa_jax.plan.topologies import GiB, RECOMPUTE_ORDER
 
 
@@ -120,9 +121,17 @@ class _OutOfMemory(Exception):
   pass
 
 
-def _compile(fn, args):
+# Deviceless GPU compiles cannot autotune: some Triton gemms then find no tiling ("Couldn't
+# find output tile sizes"); cuBLAS gemms need none.
+GPU_COMPILER_OPTIONS = {'xla_gpu_enable_triton_gemm': False}
+
+
+def _compile(fn, args, platform: str = 'tpu'):
   try:
-    return fn.lower(*args).compile()
+    lowered = fn.lower(*args)
+    if platform in ('gpu', 'cuda'):
+      return lowered.compile(GPU_COMPILER_OPTIONS)
+    return lowered.compile()
   except Exception as e:
     if 'RESOURCE_EXHAUSTED' in str(e):
       raise _OutOfMemory(str(e)) from None
@@ -136,7 +145,7 @@ def _memory(compiled) -> dict:
   row = {'argument': int(m.argument_size_in_bytes), 'temporary': int(m.temp_size_in_bytes),
          'output': int(m.output_size_in_bytes), 'alias': int(m.alias_size_in_bytes),
          'code': int(m.generated_code_size_in_bytes), 'resident': 0,
-         'flops': float((cost or {}).get('flops', 0.0))}
+         'flops': float(cost['flops']) if cost and 'flops' in cost else 0.0}
   row['total'] = row['argument'] + row['temporary'] + row['output'] - row['alias'] + row['code']
   return row
 
@@ -164,7 +173,8 @@ def with_overrides(config, *, remat=None, mesh=None, batch_size=None, depth=None
 
 def _resolved_mesh(config, devices) -> dict:
   from lejepa_jax import sharding as sharding_lib
-  return dict(zip(sharding_lib.MESH_AXES, sharding_lib.mesh_shape(config.get('mesh'), len(devices))))
+  return dict(zip(sharding_lib.MESH_AXES, sharding_lib.mesh_shape(config_schema.resolve(config).mesh,
+                                                             len(devices))))
 
 
 def assess(config, devices, *, total_steps: int, usable: int, sizes=None,
@@ -174,12 +184,13 @@ def assess(config, devices, *, total_steps: int, usable: int, sizes=None,
   from lejepa_jax import sharding as sharding_lib
   from lejepa_jax import models
   from lejepa_jax import steps
+  config = config_schema.resolve(config)
   mesh_sizes = _resolved_mesh(config, devices)
   dp = mesh_sizes['data'] * mesh_sizes['fsdp']
   out = Assessment(mesh=mesh_sizes, batch_size=config.batch_size,
                    batch_per_chip=config.batch_size // dp if config.batch_size % dp == 0 else 0,
                    remat=config.model.remat)
-  mesh = sharding_lib.make_mesh(config.get('mesh'), devices=devices)
+  mesh = sharding_lib.make_mesh(config.mesh, devices=devices)
   programs = steps.build(config, mesh, total_steps)
   out.programs, out.encoder = programs, programs.model.encoder
   state = programs.abstract_state
@@ -206,8 +217,7 @@ def assess(config, devices, *, total_steps: int, usable: int, sizes=None,
     from lejepa_jax.evaluators import suite
     all_specs = suite.specs(config)
     # One encoder pass gives every kind of features the evaluators read (suite.Runner).
-    kinds = tuple(dict.fromkeys(suite.feature_kind(config, s) for s in all_specs)) or (
-        config.eval.get('features') or 'probe',)
+    kinds = suite.feature_kinds(config, all_specs)
     jobs.append(('features', programs.features_of(kinds), (variables, images)))
     if sizes:
       from lejepa_jax.evaluators import features as features_lib
@@ -238,7 +248,7 @@ def assess(config, devices, *, total_steps: int, usable: int, sizes=None,
     for name, fn, args in jobs:
       t = time.perf_counter()
       try:
-        compiled = _compile(fn, args)
+        compiled = _compile(fn, args, devices[0].platform)
       except _OutOfMemory as e:
         out.kind, out.fits = 'oom', False
         summary = _oom_summary(str(e))
@@ -309,12 +319,13 @@ def exact_flops(config, *, total_steps: int, depth: int, names=('train_step', 'f
   import jax
   from lejepa_jax import sharding as sharding_lib
   from lejepa_jax import steps
+  config = config_schema.resolve(config)
   counts = {}
   for d in (1, 2):
     c = with_overrides(config, depth=d, scan=False, mesh={'data': 1, 'fsdp': 1, 'tensor': 1})
     with c.unlocked():   # count what the run executes: scanned blocks compute every token
-      c.model.cls_only_last = bool(config.model.get('cls_only_last', True)) and not config.model.scan
-    mesh = sharding_lib.make_mesh(c.get('mesh'), devices=jax.devices('cpu')[:1])
+      c.model.cls_only_last = bool(config.model.cls_only_last) and not config.model.scan
+    mesh = sharding_lib.make_mesh(c.mesh, devices=jax.devices('cpu')[:1])
     p = steps.build(c, mesh, total_steps)
     s = p.abstract_state
     v = steps.variables(s)

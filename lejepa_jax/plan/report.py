@@ -11,7 +11,8 @@ from ml_collections import config_flags
 
 from lejepa_jax.plan.assessment import assess, exact_flops, gib, model_flops, short_bytes, with_overrides
 from lejepa_jax.plan.fit_search import search
-from lejepa_jax.plan.topologies import (GiB, MARGIN, PlanError, Topology, eval_sizes, libtpu_env,
+from lejepa_jax.plan.topologies import (GiB, MARGIN, PlanError, Topology, eval_sizes,
+                                        gpu_devices, gpu_memory_fraction, libtpu_env,
                                         parse_topology, split_size, tpu_devices)
 
 
@@ -37,11 +38,15 @@ def plan(config, topology: Topology, devices, *, search_: bool = False, hbm_byte
     config_lib.validate(config)
   except ValueError as e:
     raise PlanError(str(e)) from None
+  config = config_lib.resolve(config)
   t0 = time.perf_counter()
   hbm = int(hbm_bytes or topology.chip.hbm_bytes)
-  usable = int(hbm * (1 - MARGIN))
+  # A GPU run gets the fraction of memory JAX preallocates; XLA's GPU compiler never reports
+  # running out (it compiled 359 GB of temporaries for an 80 GB H100), so `fits` is plan's total.
+  fraction = gpu_memory_fraction() if topology.chip.gpu else 1.0
+  usable = int(hbm * fraction * (1 - MARGIN))
   n_train = split_size(config, config.data.train_split, train_size)
-  if config.get('total_steps'):
+  if config.total_steps:
     steps_total = int(config.total_steps)
   elif n_train:
     steps_total = config_lib.total_steps(config, n_train)
@@ -67,7 +72,9 @@ def plan(config, topology: Topology, devices, *, search_: bool = False, hbm_byte
   seconds = steps_total * basis / (chips * topology.chip.peak_flops)
   report = {
       'topology': topology.spec, 'topology_desc': topology.desc, 'chip': topology.chip.name,
-      'chips': chips, 'simulated_devices': devices[0].platform == 'cpu',
+      'chips': chips, 'platform': topology.platform,
+      'simulated_devices': devices[0].platform == 'cpu',
+      **({'gpu_memory_fraction': fraction} if topology.chip.gpu else {}),
       'hbm_bytes_per_chip': hbm, 'usable_bytes_per_chip': usable,
       'mesh': a.mesh, 'batch_size': a.batch_size, 'batch_per_chip': a.batch_per_chip,
       'remat': a.remat, 'params': a.params, 'params_total': a.params_total,
@@ -100,7 +107,7 @@ def plan(config, topology: Topology, devices, *, search_: bool = False, hbm_byte
   return report
 
 
-def _setup_jax(topology: Topology, devices: int | None):
+def compile_devices(topology: Topology, devices: int | None):
   """Env and jax config before any backend starts; returns the devices to compile for."""
   libtpu_env(topology)
   import jax
@@ -114,6 +121,8 @@ def _setup_jax(topology: Topology, devices: int | None):
   if topology.shape is None:
     raise PlanError(f'--topology={topology.spec} names no slice: give an accelerator type or '
                     'a topology, or --devices=N')
+  if topology.platform == 'cuda':
+    return gpu_devices(topology)
   return tpu_devices(topology)
 
 
@@ -187,7 +196,7 @@ def main(argv):
   log = lambda *a: print(*a, file=sys.stderr, flush=True)
   try:
     topology = parse_topology(F['topology'].value, F['devices'].value)
-    devices = _setup_jax(topology, F['devices'].value)
+    devices = compile_devices(topology, F['devices'].value)
     report = plan(F['config'].value, topology, devices, search_=F['search'].value,
                   hbm_bytes=F['hbm_gib'].value and int(F['hbm_gib'].value * GiB),
                   train_size=F['train_size'].value, test_size=F['test_size'].value,
