@@ -138,6 +138,7 @@ else:
   from ml_collections import config_flags
 
   from lejepa_jax import checkpoint as ckpt_lib
+  from lejepa_jax import config_schema
   from lejepa_jax import run_config
   from lejepa_jax import sharding as sharding_lib
   from lejepa_jax import steps
@@ -433,7 +434,7 @@ def warmup_steps(config, total):
 
 def ours_config(config, total, *, calibration):
   """Our config for a run of `total` steps: schedule and checkpoints scaled, monitoring off."""
-  c = config.copy_and_resolve_references()
+  c = config_schema.resolve(config.copy_and_resolve_references())   # every key present
   c.total_steps = total
   c.optim.warmup_steps = warmup_steps(config, total)
   c.checkpoint_every = total if calibration else max(

@@ -116,9 +116,21 @@ def _ecf_deviation_sums(x, knots, target):
   exp(i t_{j+1} x) = exp(i t_j x) exp(i step x). Summing deviations from the
   target CF keeps the float32 partial sums small (~sqrt(N) near the target, not N),
   so rounding error stays at the level of a pairwise sum.
-  """
-  axis = x.ndim - 2
 
+  On GPUs the samples are moved last first: summed over the second-to-last axis (a column
+  reduction), XLA's GPU emitter gives each of the 2 x 17 outputs a shared-memory tile, more
+  than an H100 block may hold (ptxas refuses the kernel; found by `plan --topology=h100-8`);
+  as a row reduction it needs little. CPUs and TPUs keep the layout they were tuned on.
+  """
+  def samples_last(x):
+    return _deviation_sums(jnp.swapaxes(x, -1, -2), knots, target, x.ndim - 1)
+  return jax.lax.platform_dependent(
+      x, cuda=samples_last, rocm=samples_last,
+      default=lambda x: _deviation_sums(x, knots, target, x.ndim - 2))
+
+
+def _deviation_sums(x, knots, target, axis):
+  """_ecf_deviation_sums with the samples on `axis` of x (the other axes: (..., M))."""
   def sums(pairs, targets):
     out = _sum_rows([a for (c, s), t in zip(pairs, targets) for a in (c - t, s)], axis)
     return jnp.stack(out[0::2], -1), jnp.stack(out[1::2], -1)
