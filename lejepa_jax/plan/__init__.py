@@ -101,12 +101,12 @@ from lejepa_jax.plan.topologies import (CHIPS, GiB, KNOWN_SPLIT_SIZES, MARGIN, R
                                         Chip, PlanError, Topology, default_shape, eval_sizes,
                                         gpu_devices, libtpu_env, parse_topology, split_size,
                                         tpu_devices)
-from lejepa_jax.plan.assessment import (Assessment, advice, assess, exact_flops, model_flops,
+from lejepa_jax.plan.assessment import (GPU_COMPILER_OPTIONS, Assessment, advice, assess, exact_flops, model_flops,
                                         per_chip_bytes, sharding_problems, with_overrides)
 from lejepa_jax.plan.fit_search import search
 from lejepa_jax.plan.report import compile_devices, define_flags, main, plan
 
-__all__ = ['CHIPS', 'GiB', 'KNOWN_SPLIT_SIZES', 'MARGIN', 'RECOMPUTE_ORDER', 'Chip', 'PlanError',
+__all__ = ['GPU_COMPILER_OPTIONS', 'CHIPS', 'GiB', 'KNOWN_SPLIT_SIZES', 'MARGIN', 'RECOMPUTE_ORDER', 'Chip', 'PlanError',
            'Topology', 'default_shape', 'eval_sizes', 'libtpu_env', 'parse_topology',
            'split_size', 'tpu_devices', 'Assessment', 'advice', 'assess', 'exact_flops',
            'model_flops', 'per_chip_bytes', 'sharding_problems', 'with_overrides', 'search',
