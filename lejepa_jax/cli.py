@@ -9,6 +9,7 @@ import math
 import os
 import re
 import sys
+from typing import Mapping
 
 from absl import app
 from absl import flags
@@ -17,6 +18,7 @@ import jax
 
 import lejepa_jax
 from lejepa_jax import config_schema
+from lejepa_jax.data import host_resources
 
 _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', ['auto', 'yes', 'no'],
                                  'Call jax.distributed.initialize (auto: when a multi-process '
@@ -24,6 +26,11 @@ _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', ['auto', 'yes', 'no'],
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
+_GPUS_PER_PROCESS = flags.DEFINE_enum(
+    'gpus_per_process', 'auto', ['auto', 'one', 'all'],
+    "Under SLURM on GPUs, the GPUs each process drives. one: the GPU numbered SLURM_LOCALID "
+    "(one task per GPU; JAX's own choice under SLURM); all: every GPU of the node (one task "
+    "per node); auto: all when this node runs one task, else one.")
 _CPU_DEVICES = flags.DEFINE_integer('cpu_devices', None,
                                     'Simulate this many CPU devices per process (testing).')
 _ALLOW_CPU_FALLBACK = flags.DEFINE_bool(
@@ -47,6 +54,38 @@ class _QuietLibraries:
                    for p in self.PREFIXES)
 
 
+def _gpu_count(env: Mapping[str, str]) -> int | None:
+  """GPUs of this node (SLURM_GPUS_ON_NODE, else the CUDA_VISIBLE_DEVICES list), or None."""
+  count = env.get('SLURM_GPUS_ON_NODE', '')
+  if count.isdigit() and int(count) > 0:
+    return int(count)
+  visible = [d for d in env.get('CUDA_VISIBLE_DEVICES', '').split(',') if d.strip()]
+  return len(visible) or None
+
+
+def slurm_local_device_ids(choice: str, env: Mapping[str, str]) -> list[int] | None:
+  """The local_device_ids to give jax.distributed.initialize, or None to let JAX choose.
+
+  Under SLURM JAX binds each process to the one GPU numbered SLURM_LOCALID: right for one
+  task per GPU, but a single task per node would drive GPU 0 and leave the others idle.
+  'all' (or 'auto' with one task on this node) asks for every GPU of the node instead.
+  JAX_LOCAL_DEVICE_IDS, when set, wins (JAX reads it itself).
+  """
+  if 'SLURM_LOCALID' not in env or env.get('JAX_LOCAL_DEVICE_IDS') or choice == 'one':
+    return None
+  local = host_resources.local_processes(env)
+  if choice == 'auto' and (local is None or local[0] != 1):
+    return None
+  gpus = _gpu_count(env)
+  if gpus is None:
+    if choice == 'all':
+      raise ValueError('--gpus_per_process=all: this node\'s GPU count is unknown (neither '
+                       'SLURM_GPUS_ON_NODE nor CUDA_VISIBLE_DEVICES is set); set '
+                       'JAX_LOCAL_DEVICE_IDS=0,1,...')
+    return None
+  return list(range(gpus))
+
+
 def _maybe_initialize_distributed() -> None:
   wanted = _DISTRIBUTED.value == 'yes' or (
       _DISTRIBUTED.value == 'auto' and
@@ -57,6 +96,14 @@ def _maybe_initialize_distributed() -> None:
   if _COORDINATOR.value:
     kwargs = dict(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                   process_id=_PROCESS_ID.value)
+  try:
+    local_device_ids = slurm_local_device_ids(_GPUS_PER_PROCESS.value, os.environ)
+  except ValueError as e:
+    fail(str(e))
+  if local_device_ids is not None:
+    kwargs['local_device_ids'] = local_device_ids
+    logging.info('this process drives GPUs %s of its node (--gpus_per_process=%s)',
+                 local_device_ids, _GPUS_PER_PROCESS.value)
   jax.distributed.initialize(**kwargs)
 
 

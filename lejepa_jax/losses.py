@@ -30,17 +30,25 @@ def combine(inv: jax.Array, sig: jax.Array, lamb: float, convention: str) -> jax
 
 def lejepa_loss(global_proj: jax.Array, all_proj: jax.Array, key: jax.Array, *,
                 lamb: float, convention: str = 'convex', statistic: str = 'epps_pulley',
-                num_slices: int = 1024, axis_name=None, **statistic_options):
+                num_slices: int = 1024, axis_name=None, batch_axes=None, **statistic_options):
   """Returns (loss, {'inv': ..., 'sigreg': ...}).
 
   SIGReg is averaged over views: each view's batch of projections is tested
   against N(0, I) with the same slices (drawn from `key`). `statistic` picks the
   normality test (default Epps-Pulley; see `lejepa_jax.stats`), `statistic_options`
   go to it (e.g. t_max, num_points for Epps-Pulley).
+
+  Distribution: inside `jax.shard_map` give `axis_name`; under `jax.jit` on a mesh give
+  `batch_axes` (the mesh axes the sample axis is split over) and SIGReg runs per device
+  with one collective (`stats.regulariser_on_mesh`); with neither, XLA partitions it all.
   """
   inv = invariance(global_proj.astype(jnp.float32), all_proj.astype(jnp.float32))
   if axis_name is not None:
     inv = jax.lax.pmean(inv, axis_name)
-  sig = stats.regulariser(statistic, all_proj, key, num_slices=num_slices,
-                          axis_name=axis_name, **statistic_options)
+  if batch_axes is not None and axis_name is None:
+    sig = stats.regulariser_on_mesh(statistic, all_proj, key, batch_axes=batch_axes,
+                                    num_slices=num_slices, **statistic_options)
+  else:
+    sig = stats.regulariser(statistic, all_proj, key, num_slices=num_slices,
+                            axis_name=axis_name, **statistic_options)
   return combine(inv, sig, lamb, convention), {'inv': inv, 'sigreg': sig}

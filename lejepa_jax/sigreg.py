@@ -15,7 +15,9 @@ Distribution: inside `jax.shard_map` give `axis_name`; the ECF (a mean over
 samples) is averaged across that mesh axis with `jax.lax.pmean`, and N is the
 global sample count, so value and gradient equal the single-device result on
 the full batch. Under plain `jax.jit` with sharded global arrays no axis name
-is needed: XLA reduces over the global batch itself.
+is needed: XLA reduces over the global batch itself. The train step uses the
+first way on every platform (`stats.regulariser_on_mesh`: a shard_map over the
+batch axes), so the devices' sums meet in one all-reduce.
 """
 from __future__ import annotations
 

@@ -108,7 +108,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, config):
     proj = out['proj']
     loss, terms = losses.lejepa_loss(
         proj[:num_global], proj, key, lamb=config.lamb, convention=config.loss_convention,
-        **regulariser_options(config.sigreg))
+        batch_axes=sharding_lib.BATCH_AXES, **regulariser_options(config.sigreg))
     logits = out['probe_logits']
     labels = jnp.broadcast_to(batch['label'], logits.shape[:-1])
     probe_loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()

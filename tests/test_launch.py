@@ -46,3 +46,48 @@ def test_slurm_runs_plan_here_then_selftest_and_training_on_every_task():
   assert commands[2].startswith('srun python -m lejepa_jax.main')
   assert all('--config.batch_size=512' in c for c in commands)
   assert len(_dry_run('launch/slurm_gpu.sh', '/w', SLURM_NTASKS='16', SKIP_SELFTEST='1')) == 2
+
+
+def test_slurm_one_process_per_node_drives_all_gpus_of_the_node():
+  commands = _dry_run('launch/slurm_gpu.sh', '/w', 'configs/vitl14.py', SLURM_NTASKS='2',
+                      SLURM_JOB_NUM_NODES='2', SLURM_GPUS_ON_NODE='8')
+  assert '--topology=h100-2x8' in commands[0]
+  for c in commands[1:]:
+    assert c.startswith('srun --ntasks-per-node=1 ') and '--gpus_per_process=all' in c
+  per_gpu = _dry_run('launch/slurm_gpu.sh', '/w', SLURM_NTASKS='16', SLURM_JOB_NUM_NODES='2')
+  assert all('--gpus_per_process=one' in c for c in per_gpu[1:])
+  bad = subprocess.run(['bash', 'launch/slurm_gpu.sh', '/w'], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, 'DRY_RUN': '1', 'SLURM_NTASKS': '8',
+                                       'PROCESSES': 'socket'}, timeout=60)
+  assert bad.returncode == 2 and 'PROCESSES must be gpu' in bad.stdout
+
+
+SLURM_TASK = {'SLURM_JOB_ID': '4242', 'SLURM_STEP_NODELIST': 'gpu[001-004]', 'SLURM_NTASKS': '4',
+              'SLURM_PROCID': '1', 'SLURM_LOCALID': '0', 'SLURM_NODEID': '1'}
+
+
+def test_jax_alone_binds_a_slurm_task_to_one_gpu():
+  # Private on purpose: the JAX behaviour that --gpus_per_process works around (one task per
+  # node would drive GPU 0 only); if JAX changes it, this test says so.
+  from unittest import mock
+  from jax._src.clusters import ClusterEnv
+  with mock.patch.dict(os.environ, SLURM_TASK):
+    _, processes, index, local_ids = ClusterEnv.auto_detect_unset_distributed_params(
+        None, None, None, None, None, None)
+  assert (processes, index, local_ids) == (4, 1, [0])
+
+
+def test_gpus_per_process_under_slurm():
+  from lejepa_jax.cli import slurm_local_device_ids
+  one_per_node = {**SLURM_TASK, 'SLURM_STEP_TASKS_PER_NODE': '1(x4)', 'SLURM_GPUS_ON_NODE': '8'}
+  assert slurm_local_device_ids('auto', one_per_node) == list(range(8))
+  assert slurm_local_device_ids('one', one_per_node) is None           # JAX: SLURM_LOCALID
+  one_per_gpu = {**one_per_node, 'SLURM_STEP_TASKS_PER_NODE': '8(x4)'}
+  assert slurm_local_device_ids('auto', one_per_gpu) is None
+  assert slurm_local_device_ids('all', one_per_gpu) == list(range(8))
+  visible = {**SLURM_TASK, 'SLURM_STEP_TASKS_PER_NODE': '1(x4)', 'CUDA_VISIBLE_DEVICES': '4,5,6,7'}
+  assert slurm_local_device_ids('auto', visible) == [0, 1, 2, 3]    # indices of visible GPUs
+  assert slurm_local_device_ids('auto', {**one_per_node, 'JAX_LOCAL_DEVICE_IDS': '0,1'}) is None
+  assert slurm_local_device_ids('all', {'CUDA_VISIBLE_DEVICES': '0,1'}) is None   # not SLURM
+  with pytest.raises(ValueError, match='GPU count is unknown'):
+    slurm_local_device_ids('all', {**SLURM_TASK, 'SLURM_STEP_TASKS_PER_NODE': '1(x4)'})

@@ -335,6 +335,17 @@ _GPU_SCRIPT = textwrap.dedent('''
     fn.lower(jax.ShapeDtypeStruct((8, 256, 1024), jnp.float32, sharding=one)).compile(
         plan.GPU_COMPILER_OPTIONS)
     r['sigreg_compiled'] = True
+    # ... and across 4 nodes x 8 GPUs as the train step runs it: left to XLA's partitioner,
+    # the devices' 34 partial sums met in one all-gathered column reduction ptxas refused
+    from lejepa_jax import sharding, stats
+    gpus = plan.topologies.gpu_devices(plan.parse_topology('h100-4x8'))
+    mesh = sharding.make_mesh({'data': -1}, devices=gpus)
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
+    on_mesh = jax.jit(jax.value_and_grad(lambda z: stats.regulariser_on_mesh(
+        'epps_pulley', z, jax.random.PRNGKey(0), batch_axes=sharding.BATCH_AXES, mesh=mesh)))
+    hlo = on_mesh.lower(jax.ShapeDtypeStruct((8, 256 * 32, 1024), jnp.float32, sharding=rows)
+                        ).compile(plan.GPU_COMPILER_OPTIONS).as_text()
+    r['sigreg_32_gpus'] = ('all-reduce' in hlo, 'all-gather' in hlo)
     print(json.dumps(r))
 ''')
 
@@ -351,6 +362,7 @@ def test_compiles_for_gpu_nodes_without_a_gpu():
   assert r['fits'] is True and r['functions']['train_step']['total'] > 0
   assert r['flops_per_step'] > 0          # from the CPU lowering: GPU cost analysis has none
   assert r['sigreg_compiled']
+  assert r['sigreg_32_gpus'] == [True, False]
 
 
 def test_flops_extrapolated_in_depth_equal_the_unrolled_program():
@@ -375,3 +387,4 @@ def test_flops_extrapolated_in_depth_equal_the_unrolled_program():
     raw = p.train_step.lower(p.abstract_state, steps.abstract_batch(scanned, mesh)).cost_analysis()
   assert raw['flops'] == pytest.approx(one['train_step'], rel=0.02)   # the body once
   assert raw['flops'] < 0.5 * exact['train_step']
+

@@ -134,6 +134,29 @@ def test_sigreg_sharded_equals_full_batch_value_and_gradient():
   assert abs(local_only - float(loss(z))) > 1e-3
 
 
+@pytest.mark.parametrize('statistic', ['epps_pulley', 'bhep'])
+def test_regulariser_on_mesh_as_the_train_step_runs_it(statistic):
+  """Under jit on a data x fsdp x tensor mesh (the train step's path): value and gradient of
+  the gathered batch on one device, and the cross-device combine is an all-reduce, not an
+  all-gather of every device's partial sums (which XLA's GPU compiler could not fit)."""
+  from lejepa_jax import sharding as sharding_lib
+  from lejepa_jax import stats
+  z = jax.random.normal(jax.random.key(9), (3, 64, 32)) @ jnp.diag(jnp.linspace(0.3, 2, 32))
+  key = jax.random.key(10)
+  mesh = sharding_lib.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  on_mesh = jax.jit(jax.value_and_grad(lambda zz: stats.regulariser_on_mesh(
+      statistic, zz, key, batch_axes=sharding_lib.BATCH_AXES, mesh=mesh, num_slices=64)))
+  zs = _put(z, mesh, P(None, sharding_lib.BATCH_AXES))
+  value, grad = on_mesh(zs)
+  ref_value, ref_grad = jax.value_and_grad(
+      lambda zz: stats.regulariser(statistic, zz, key, num_slices=64))(z)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-6)
+  if statistic == 'epps_pulley':
+    hlo = on_mesh.lower(zs).compile().as_text()
+    assert 'all-reduce' in hlo and 'all-gather' not in hlo
+
+
 def test_slices_identical_on_devices_and_fresh_each_step():
   base = jax.random.key(6)
   mesh = _mesh(4)

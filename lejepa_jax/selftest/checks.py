@@ -94,8 +94,9 @@ def sigreg_across_devices(config, mesh, *, rows_per_device: int = 16, broken: bo
     per_shard = jax.shard_map(local_only, mesh=mesh, in_specs=sharded.spec,
                               out_specs=jax.sharding.PartitionSpec(batch_axes))
     fn = jax.jit(jax.value_and_grad(lambda z: jnp.mean(per_shard(z))))
-  else:
-    fn = jax.jit(jax.value_and_grad(penalty))
+  else:   # as the train step computes it (losses.lejepa_loss with batch_axes)
+    fn = jax.jit(jax.value_and_grad(lambda z: stats.regulariser_on_mesh(
+        statistic, z, key, batch_axes=batch_axes, mesh=mesh, **options)))
   value, grad = fn(z)
   one = jax.local_devices()[0]
   ref_value, ref_grad = jax.jit(jax.value_and_grad(penalty))(jax.device_put(z_host, one))
