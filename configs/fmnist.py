@@ -62,6 +62,7 @@ def get_config(arg=None):
   c.data.eval_crop_fraction = 1.0  # 28 px images: evaluate on the whole image
   c.data.resize_shorter = 0       # folder source: shorter side resized to N px on loading (0: no)
   c.data.verify_images = 'auto'   # folder source: decode-check every file (a sample past 50k)
+  c.data.labels = 'auto'          # 'none': pretrain on unlabelled images (with evals={})
   c.data.num_workers = 0
   c.data.augment = ml_collections.ConfigDict()
   a = c.data.augment

@@ -87,6 +87,7 @@ def imagenet_vit(variant: str, patch_size: int, *, epochs: float, batch_size: in
   d.num_threads = 'auto'
   d.prefetch = 4
   d.verify_images = 'auto'           # folder source only: header-check the images first
+  d.labels = 'auto'                  # 'none': unlabelled images (pretraining only)
   d.resize_shorter = 0               # folder source only: shorter side resized on loading (0: no)
   d.num_workers = 'auto'             # lejepa_jax/data/host_resources.py
   d.augment = a = ml_collections.ConfigDict()

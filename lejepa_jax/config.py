@@ -87,8 +87,13 @@ def validate(config) -> None:
   if config.batch_size < 1 or config.eval.batch_size < 1:
     problems.append('batch_size and eval.batch_size must be >= 1')
   d = config.data
-  if d.name not in ('fashion_mnist', 'folder') and not str(d.name).startswith('tfds:'):
-    problems.append(f"data.name={d.name!r}: one of 'fashion_mnist', 'tfds:NAME' or 'folder'")
+  if d.name not in ('fashion_mnist', 'folder', 'arrays') and not str(d.name).startswith('tfds:'):
+    problems.append(f'data.name={d.name!r}: one of {sources.NAMES}')
+  if d.labels not in sources.LABELS:
+    problems.append(f'data.labels={d.labels!r}: one of {sources.LABELS}')
+  elif d.labels == 'none' and suite.specs(config):
+    problems.append(f"data.labels='none' but evaluators {sorted(config.evals)} need labelled "
+                    "images: pass '--config.evals={}' to pretrain only")
   if d.num_global_views < 1:
     problems.append('data.num_global_views must be >= 1 (the invariance centre)')
   if d.num_local_views < 0:
@@ -164,6 +169,14 @@ def check_data(config, train_source, test_source) -> None:
       raise ConfigError(f'data.channels={d.channels} but the images of {d.name} split {split!r} '
                         f'have {channels} channel(s): set --config.data.channels={channels} and '
                         f'give data.mean and data.std {channels} values each')
+  unlabelled = [split for split, source in ((d.train_split, train_source),
+                                            (d.test_split, test_source))
+                if not getattr(source, 'labelled', True)]
+  if unlabelled and suite.specs(config):
+    raise ConfigError(f'{d.name} split(s) {unlabelled} under data.dir={d.dir!r} have no labels '
+                      f'(a .npy file, an .npz without "labels", or data.label_key=\'\') but '
+                      f'evaluators {sorted(config.evals)} need them: give the labels, or pass '
+                      "'--config.evals={}' to pretrain only")
   if len(train_source) < config.batch_size:
     raise ConfigError(f'batch_size={config.batch_size} is larger than the {len(train_source)} '
                       f'records of data.train_split={d.train_split!r}: lower --config.batch_size')

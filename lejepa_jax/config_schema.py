@@ -64,7 +64,11 @@ KEYS: dict[str, Key] = {
     'sigreg.statistic': Key('epps_pulley', 'a name in lejepa_jax.stats.STATISTICS'),
     'sigreg.options': Key({}, 'free-form dict: keyword arguments of the statistic'),
     # data
-    'data.name': Key(REQUIRED, "'fashion_mnist', 'tfds:NAME' or 'folder'"),
+    'data.name': Key(REQUIRED, "'fashion_mnist', 'tfds:NAME', 'folder' or 'arrays' "
+                     "(DIR/SPLIT.npz with images and optional labels, or DIR/SPLIT.npy)"),
+    'data.labels': Key('auto', "'auto': the labels the source has (class folders, an .npz "
+                       "'labels' array, the TFDS label_key); 'none': pretrain on unlabelled "
+                       "images (folder: every image at any depth; evaluators then refused)"),
     'data.dir': Key('', 'data directory (IDX files, TFDS data_dir, or the image folder)'),
     'data.image_key': Key('image', "TFDS feature holding the image"),
     'data.label_key': Key('label', "TFDS feature holding the label"),

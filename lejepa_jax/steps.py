@@ -111,8 +111,12 @@ def train_step(state: TrainState, batch: dict, *, model, tx, config):
         batch_axes=sharding_lib.BATCH_AXES, **regulariser_options(config.sigreg))
     logits = out['probe_logits']
     labels = jnp.broadcast_to(batch['label'], logits.shape[:-1])
-    probe_loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    probe_top1 = jnp.mean(jnp.argmax(logits, -1) == labels)
+    # Unlabelled images (label -1, sources.UNLABELLED) train the encoder, not the probe.
+    known = labels >= 0
+    count = jnp.maximum(jnp.sum(known), 1).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+    probe_loss = jnp.sum(jnp.where(known, ce, 0.0)) / count
+    probe_top1 = jnp.sum(known & (jnp.argmax(logits, -1) == labels)) / count
     # The probe sees stop-gradient features, so adding its loss trains only the probe.
     aux = {'loss': loss, **terms, 'probe_loss': probe_loss, 'probe_top1': probe_top1}
     return loss + probe_loss, (aux, mutated['batch_stats'])

@@ -314,6 +314,8 @@ DEFAULTS_OF_EARLIER_VERSIONS = {
     'diagnostics.every': 0, 'diagnostics.num_images': 512, 'diagnostics.min_rank_fraction': 0.1,
     'diagnostics.min_proj_var': 0.1, 'diagnostics.plots': True,
     'evals': {'linear_probe': {'type': 'linear_probe'}, 'knn': {'type': 'knn'}},
+    # added since, each defaulting to the behaviour before it:
+    'data.labels': 'auto',
 }
 
 

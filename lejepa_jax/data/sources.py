@@ -4,7 +4,15 @@
   (or any directory holding the four *-idx?-ubyte[.gz] files);
 - 'tfds:NAME': `tfds.data_source` over a prepared TFDS directory (ImageNet at
   scale; array_record files, random access, no TensorFlow graph);
-- 'folder': DIR/SPLIT/CLASS/*.{png,jpg,jpeg}, converted to data.channels (1 or 3).
+- 'folder': DIR/SPLIT/CLASS/*.{png,jpg,jpeg}, converted to data.channels (1 or 3); with
+  data.labels='none' every image under DIR/SPLIT (or DIR), at any depth, unlabelled;
+- 'arrays': DIR/SPLIT.npz (uint8 'images' (N, H, W[, C]), optional int 'labels' (N,)) or
+  DIR/SPLIT.npy (images only; memory-mapped).
+
+Unlabelled records (data.labels='none', a .npy file, an .npz without labels, TFDS with
+data.label_key='') carry label -1 and the source's `labelled` is False: pretraining and
+the diagnostics need no labels; the online probe skips label -1 and the evaluators refuse
+an unlabelled source.
 
 A source may have `known_labels()`: the int label of every record when it knows them
 without reading images (Fashion-MNIST, folders), else None (TFDS); `sample` uses them to
@@ -41,6 +49,8 @@ from lejepa_jax import config_schema
 # re-exported here where callers found them first.
 from lejepa_jax.data.subsets import Subset, known_labels, sample, subset_indices  # noqa: F401
 
+NAMES = "'fashion_mnist', 'tfds:NAME', 'folder' or 'arrays'"
+LABELS = ('auto', 'none')
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 VERIFY_MODES = ('auto', 'all', 'none')
 VERIFY_SAMPLE = 50_000
@@ -98,15 +108,22 @@ def _find(directory: pathlib.Path, stem: str) -> pathlib.Path:
       f'or point --config.data.dir at a directory holding the IDX files.')
 
 
-class ArraySource:
-  """In-memory images (N, H, W, C) uint8 and labels (N,)."""
+UNLABELLED = -1     # the label of a record whose source has none
 
-  def __init__(self, images: np.ndarray, labels: np.ndarray):
+
+class ArraySource:
+  """In-memory (or memory-mapped) images (N, H, W, C) uint8 and labels (N,); labels None:
+  unlabelled (every record's label is UNLABELLED)."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray | None):
     if images.ndim == 3:
       images = images[..., None]
+    self.labelled = labels is not None
+    if labels is None:
+      labels = np.full(len(images), UNLABELLED, np.int32)
     if len(images) != len(labels):
       raise ValueError(f'{len(images)} images but {len(labels)} labels')
-    self.images = np.ascontiguousarray(images)
+    self.images = images if isinstance(images, np.memmap) else np.ascontiguousarray(images)
     self.labels = np.asarray(labels, np.int32)
 
   def __len__(self) -> int:
@@ -115,8 +132,37 @@ class ArraySource:
   def __getitem__(self, index: int) -> dict:
     return {'image': self.images[index], 'label': int(self.labels[index])}
 
-  def known_labels(self) -> np.ndarray:
-    return self.labels
+  def known_labels(self) -> np.ndarray | None:
+    return self.labels if self.labelled else None
+
+
+def arrays(data_dir: str, split: str, labelled: bool = True) -> ArraySource:
+  """DIR/SPLIT.npz ('images', optional 'labels') or DIR/SPLIT.npy (images, memory-mapped)."""
+  base = pathlib.Path(data_dir) / split
+  layout = ('expected data.dir/SPLIT.npz (uint8 "images" (N, H, W[, C]), optional "labels" '
+            '(N,)) or data.dir/SPLIT.npy (images only)')
+  try:
+    if base.with_suffix('.npz').exists():
+      with np.load(base.with_suffix('.npz')) as f:
+        if 'images' not in f.files:
+          raise BadDataError(f'{base}.npz holds {f.files}, no "images" array; {layout}')
+        images = f['images']
+        labels = f['labels'] if labelled and 'labels' in f.files else None
+    elif base.with_suffix('.npy').exists():
+      images, labels = np.load(base.with_suffix('.npy'), mmap_mode='r'), None
+    else:
+      raise MissingDataError(f'neither {base}.npz nor {base}.npy exists; {layout}')
+  except DataError:
+    raise
+  except (OSError, ValueError) as e:    # not a NumPy file, truncated, pickled objects
+    raise BadDataError(f'{base}.np[yz] cannot be read ({type(e).__name__}: {e}); {layout}') from None
+  if images.dtype != np.uint8 or images.ndim not in (3, 4) or not len(images):
+    raise BadDataError(f'{base}: images of dtype {images.dtype} and shape {images.shape}; '
+                       f'{layout}')
+  if labels is not None and (labels.shape != (len(images),) or labels.dtype.kind not in 'iu'):
+    raise BadDataError(f'{base}.npz: labels of dtype {labels.dtype} and shape {labels.shape} '
+                       f'for {len(images)} images; {layout}')
+  return ArraySource(images, labels)
 
 
 def fashion_mnist(data_dir: str | None, split: str) -> ArraySource:
@@ -147,6 +193,7 @@ class TfdsSource:
           f'it there first (tfds build {name} --data_dir=DIR --file_format=array_record). '
           f'Cause: {e}') from e
     self._image_key, self._label_key = image_key, label_key
+    self.labelled = bool(label_key)
 
   def __len__(self) -> int:
     return len(self._source)
@@ -156,7 +203,8 @@ class TfdsSource:
     image = np.asarray(record[self._image_key])
     if image.ndim == 2:
       image = image[..., None]
-    return {'image': image, 'label': int(record[self._label_key])}
+    label = int(record[self._label_key]) if self.labelled else UNLABELLED
+    return {'image': image, 'label': label}
 
   def known_labels(self) -> None:
     return None       # each record would be read (and its image decoded) to get its label
@@ -255,7 +303,7 @@ class FolderSource:
   """
 
   def __init__(self, data_dir: str, split: str, verify: str = 'auto', *, channels: int = 3,
-               resize_shorter: int = 0):
+               resize_shorter: int = 0, labelled: bool = True):
     if channels not in FOLDER_CHANNELS:
       raise BadDataError(f'data.channels={channels}: images of a folder are converted to 1 '
                          '(grayscale) or 3 (RGB) channels: set --config.data.channels=1 or 3, '
@@ -263,20 +311,33 @@ class FolderSource:
     if resize_shorter < 0:
       raise BadDataError(f'resize_shorter={resize_shorter}: must be >= 0 (0: keep the size)')
     self.channels, self.resize_shorter = channels, int(resize_shorter)
+    self.labelled = labelled
     root = pathlib.Path(data_dir) / split
-    layout = (f'expected data.dir/{split}/CLASS/IMAGE.{{png,jpg,jpeg}}, one folder per class: '
-              'fix --config.data.dir or the folder layout')
-    if not root.is_dir():
-      raise MissingDataError(f'image folder {root} does not exist; {layout}')
-    self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    self.files = [(f, i) for i, c in enumerate(self.classes)
-                  for f in sorted((root / c).iterdir())
-                  if f.suffix.lower() in _IMAGE_SUFFIXES]
+    if labelled:
+      layout = (f'expected data.dir/{split}/CLASS/IMAGE.{{png,jpg,jpeg}}, one folder per class: '
+                "fix --config.data.dir or the folder layout (data.labels='none' reads a folder "
+                'without classes)')
+      if not root.is_dir():
+        raise MissingDataError(f'image folder {root} does not exist; {layout}')
+      self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+      self.files = [(f, i) for i, c in enumerate(self.classes)
+                    for f in sorted((root / c).iterdir())
+                    if f.suffix.lower() in _IMAGE_SUFFIXES]
+    else:                 # any depth; DIR itself when it has no SPLIT folder (one pool)
+      root = root if root.is_dir() else pathlib.Path(data_dir)
+      layout = (f'expected .png/.jpg/.jpeg files at any depth under data.dir/{split} or '
+                'data.dir: fix --config.data.dir')
+      if not root.is_dir():
+        raise MissingDataError(f'image folder {root} does not exist; {layout}')
+      self.classes = []
+      self.files = [(f, UNLABELLED) for f in sorted(root.rglob('*'))
+                    if f.suffix.lower() in _IMAGE_SUFFIXES and f.is_file()]
     self._labels = np.array([i for _, i in self.files], np.int32)
     self._labels.flags.writeable = False     # shared with every caller of known_labels
     if not self.files:
-      found = f'class folders {self.classes[:5]} hold' if self.classes else 'it has no class folders and'
-      raise MissingDataError(f'no .png/.jpg/.jpeg images under {root}: {found} no images; {layout}')
+      found = ('' if not labelled else f'class folders {self.classes[:5]} hold no images; '
+               if self.classes else 'it has no class folders; ')
+      raise MissingDataError(f'no .png/.jpg/.jpeg images under {root}: {found}{layout}')
     key = (str(root.resolve()), len(self.files), verify)
     if key not in _VERIFIED:
       verify_images([f for f, _ in self.files], verify, root=root)
@@ -295,24 +356,28 @@ class FolderSource:
                          'same command to resume from the last checkpoint') from e
     return {'image': image, 'label': label}
 
-  def known_labels(self) -> np.ndarray:
-    return self._labels      # from the paths: no image is read
+  def known_labels(self) -> np.ndarray | None:
+    return self._labels if self.labelled else None     # from the paths: no image is read
 
 
 def get_source(data_config, split: str):
   """The source named by data_config.name for `split`."""
   data_config = config_schema.resolve(data_config, 'data')
   name, data_dir = data_config.name, data_config.dir or None
+  labelled = data_config.labels != 'none'
   if name == 'fashion_mnist':
-    return fashion_mnist(data_dir, split)
+    source = fashion_mnist(data_dir, split)
+    return source if labelled else ArraySource(source.images, None)
   if name.startswith('tfds:'):
     return TfdsSource(name[len('tfds:'):], split, data_dir, data_config.image_key,
-                      data_config.label_key)
+                      data_config.label_key if labelled else '')
+  if name in ('folder', 'arrays') and not data_dir:
+    raise MissingDataError(f'data.name="{name}" needs data.dir: pass --config.data.dir=DIR '
+                           f'({"DIR/SPLIT/CLASS/IMAGE.png" if name == "folder" else "DIR/SPLIT.npz"})')
   if name == 'folder':
-    if not data_dir:
-      raise MissingDataError('data.name="folder" needs data.dir: pass --config.data.dir=DIR '
-                             '(DIR/SPLIT/CLASS/IMAGE.png)')
     return FolderSource(os.fspath(data_dir), split, verify=data_config.verify_images,
                         channels=data_config.channels,
-                        resize_shorter=data_config.resize_shorter)
-  raise ValueError(f"data.name must be 'fashion_mnist', 'tfds:NAME' or 'folder', got {name!r}")
+                        resize_shorter=data_config.resize_shorter, labelled=labelled)
+  if name == 'arrays':
+    return arrays(os.fspath(data_dir), split, labelled)
+  raise ValueError(f'data.name must be {NAMES}, got {name!r}')
