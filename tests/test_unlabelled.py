@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import test_folder   # tests/test_folder.py: patterns saved in every PIL mode
 from configs import fmnist
