@@ -91,9 +91,12 @@ def validate(config) -> None:
     problems.append(f'data.name={d.name!r}: one of {sources.NAMES}')
   if d.labels not in sources.LABELS:
     problems.append(f'data.labels={d.labels!r}: one of {sources.LABELS}')
-  elif d.labels == 'none' and suite.specs(config):
-    problems.append(f"data.labels='none' but evaluators {sorted(config.evals)} need labelled "
-                    "images: pass '--config.evals={}' to pretrain only")
+  elif d.labels == 'none' and [s for s in suite.specs(config) if not s.data]:
+    names = [s.name for s in suite.specs(config) if not s.data]
+    problems.append(f"data.labels='none' but evaluators {names} read config.data and need "
+                    'labelled images: give each its own labelled set (evals.NAME.data, e.g. '
+                    "dict(name='folder', dir=DIR, num_classes=N)), or pass '--config.evals={}' "
+                    'to pretrain only')
   if d.num_global_views < 1:
     problems.append('data.num_global_views must be >= 1 (the invariance centre)')
   if d.num_local_views < 0:
@@ -172,11 +175,13 @@ def check_data(config, train_source, test_source) -> None:
   unlabelled = [split for split, source in ((d.train_split, train_source),
                                             (d.test_split, test_source))
                 if not getattr(source, 'labelled', True)]
-  if unlabelled and suite.specs(config):
+  readers = [s.name for s in suite.specs(config) if not s.data]
+  if unlabelled and readers:
     raise ConfigError(f'{d.name} split(s) {unlabelled} under data.dir={d.dir!r} have no labels '
                       f'(a .npy file, an .npz without "labels", or data.label_key=\'\') but '
-                      f'evaluators {sorted(config.evals)} need them: give the labels, or pass '
-                      "'--config.evals={}' to pretrain only")
+                      f'evaluators {readers} need them: give the labels, give each evaluator '
+                      "its own labelled set (evals.NAME.data), or pass '--config.evals={}' to "
+                      'pretrain only')
   if len(train_source) < config.batch_size:
     raise ConfigError(f'batch_size={config.batch_size} is larger than the {len(train_source)} '
                       f'records of data.train_split={d.train_split!r}: lower --config.batch_size')
@@ -192,6 +197,7 @@ class Prepared:
   test_source: Any
   total_steps: int
   programs: steps.Programs
+  eval_sources: dict                 # (suite.data_key, split) -> source, for suite.Runner
 
 
 def prepare(config, devices=None, *, train_source=None, test_source=None) -> Prepared:
@@ -209,6 +215,9 @@ def prepare(config, devices=None, *, train_source=None, test_source=None) -> Pre
   train_source = train_source or sources.get_source(d, d.train_split)
   test_source = test_source or sources.get_source(d, d.test_split)
   check_data(config, train_source, test_source)
+  eval_sources = suite.open_sources(config, {d.train_split: train_source,
+                                             d.test_split: test_source})
   steps_total = total_steps(config, len(train_source))
   return Prepared(config=config, mesh=mesh, feed=feed, train_source=train_source, test_source=test_source,
-                  total_steps=steps_total, programs=steps.build(config, mesh, steps_total))
+                  total_steps=steps_total, programs=steps.build(config, mesh, steps_total),
+                  eval_sources=eval_sources)

@@ -54,7 +54,8 @@ def evaluate_workdir(config, workdir, *, step: int | None = None, names=None,
   train_source, test_source = run.train_source, run.test_source
   state, step = ckpt_lib.restore_state(workdir, programs.abstract_state, step)
   logging.info('evaluating %s at step %d: %s', workdir, step, ', '.join(s.name for s in run_specs))
-  runner = suite.Runner(config, programs, train_source=train_source, test_source=test_source)
+  runner = suite.Runner(config, programs, train_source=train_source, test_source=test_source,
+                        eval_sources=run.eval_sources)
   with sharding_lib.activate(mesh):
     results = runner(steps.variables(state), run_specs)
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)

@@ -268,7 +268,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
   mngr = ckpt_lib.manager(workdir, max_to_keep=config.checkpoint_max_to_keep,
                           keep_every=config.checkpoint_keep_every)
 
-  runner = suite.Runner(config, programs, train_source=train_source, test_source=test_source)
+  runner = suite.Runner(config, programs, train_source=train_source, test_source=test_source,
+                        eval_sources=run.eval_sources)
   with sharding_lib.activate(mesh):
     monitor = diagnostics.Monitor(config, programs, test_source)
     with preemption.Watcher() as notice:

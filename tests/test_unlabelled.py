@@ -141,3 +141,107 @@ def test_pretrain_on_an_unlabelled_nested_folder(tmp_path):
   assert all(l['train/probe_loss'] == 0.0 and l['train/probe_top1'] == 0.0 for l in train)
   assert all(np.isfinite(l['train/loss']) and l['train/sigreg'] > 0 for l in train)
   assert (workdir / 'checkpoints').is_dir()
+
+
+# ---------------------------------------------------- probing on a labelled set of its own
+
+def _evals(**entries) -> str:
+  return '--config.evals=' + json.dumps(entries)
+
+
+def _metrics(workdir):
+  return [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+
+
+def _pattern_arrays(n: int, seed: int):
+  """n 28x28 grayscale patterns of the 4 classes of test_folder, and their labels."""
+  rng = np.random.default_rng(seed)
+  labels = np.arange(n) % 4
+  images = np.stack([(test_folder._pattern(c, 28, 28, rng) * 255).astype(np.uint8)
+                     for c in labels])
+  return images, labels
+
+
+def test_pretrain_on_an_unlabelled_folder_and_probe_on_a_labelled_one(tmp_path):
+  """The paper's in-domain setting: an unlabelled pool to pretrain on, a small labelled folder
+  (another directory) for the evaluators; then `evaluate` points the finished run at a third,
+  labelled set of arrays."""
+  pool = make_unlabelled_folder(tmp_path / 'pool', 40)
+  labelled = test_folder.make_folder(tmp_path / 'labelled', {'train': 8, 'test': 6}, seed=1)
+  own = {'name': 'folder', 'dir': labelled, 'num_classes': 4}
+  workdir = tmp_path / 'run'
+  result = test_folder._python(
+      str(tmp_path), '-m', 'lejepa_jax.main', '--config=configs/fmnist.py:runlocal',
+      f'--workdir={workdir}', '--config.data.name=folder', f'--config.data.dir={pool}',
+      '--config.data.labels=none', '--config.total_steps=6',
+      _evals(probe={'type': 'linear_probe', 'lrs': [0.01], 'epochs': 5, 'data': own},
+             knn={'type': 'knn', 'k': 5, 'data': own}))
+  assert result.returncode == 0, result.stderr[-4000:]
+  final = _metrics(workdir)[-1]
+  assert final['step'] == 6
+  # 32 labelled training images, 24 test images, 4 classes (chance 0.25); measured 0.875 / 0.958
+  assert 0.5 <= final['eval/probe_top1'] <= 1.0 and 0.5 <= final['eval/knn_top1'] <= 1.0, final
+
+  arrays = tmp_path / 'arrays'
+  arrays.mkdir()
+  for split, n, seed in (('train', 40, 2), ('test', 20, 3)):
+    images, labels = _pattern_arrays(n, seed)
+    np.savez(arrays / f'{split}.npz', images=images, labels=labels)
+  result = test_folder._python(
+      str(tmp_path), '-m', 'lejepa_jax.evaluate', f'--workdir={workdir}', '--noplots',
+      _evals(transfer={'type': 'knn', 'k': 5,
+                       'data': {'name': 'arrays', 'dir': str(arrays), 'num_classes': 4}}))
+  assert result.returncode == 0, result.stderr[-4000:]
+  line = _metrics(workdir)[-1]
+  assert line['step'] == 6 and 0.5 <= line['eval/transfer_top1'] <= 1.0, line   # measured 1.0
+
+
+def test_pretrain_on_unlabelled_arrays_and_probe_on_labelled_arrays(tmp_path):
+  pool, labelled = tmp_path / 'pool', tmp_path / 'labelled'
+  pool.mkdir(), labelled.mkdir()
+  images, _ = _pattern_arrays(48, 0)
+  np.savez(pool / 'train.npz', images=images)          # no labels: an unlabelled pool
+  np.savez(pool / 'test.npz', images=images[:16])
+  for split, n, seed in (('train', 32, 1), ('test', 16, 2)):
+    x, y = _pattern_arrays(n, seed)
+    np.savez(labelled / f'{split}.npz', images=x, labels=y)
+  workdir = tmp_path / 'run'
+  result = test_folder._python(
+      str(tmp_path), '-m', 'lejepa_jax.main', '--config=configs/fmnist.py:runlocal',
+      f'--workdir={workdir}', '--config.data.name=arrays', f'--config.data.dir={pool}',
+      '--config.total_steps=4',
+      _evals(knn={'type': 'knn', 'k': 5,
+                  'data': {'name': 'arrays', 'dir': str(labelled), 'num_classes': 4}}))
+  assert result.returncode == 0, result.stderr[-4000:]
+  final = _metrics(workdir)[-1]
+  assert final['step'] == 4 and 0.5 <= final['eval/knn_top1'] <= 1.0, final    # measured 1.0
+
+
+def test_an_evaluator_given_unlabelled_data_exits_2_before_writing(tmp_path):
+  pool = make_unlabelled_folder(tmp_path / 'pool', 40)
+  np.save(tmp_path / 'train.npy', np.zeros((8, 28, 28), np.uint8))
+  np.save(tmp_path / 'test.npy', np.zeros((8, 28, 28), np.uint8))
+  workdir = tmp_path / 'run'
+  result = test_folder._python(
+      str(tmp_path), '-m', 'lejepa_jax.main', '--config=configs/fmnist.py:runlocal',
+      f'--workdir={workdir}', '--config.data.name=folder', f'--config.data.dir={pool}',
+      '--config.data.labels=none',
+      _evals(knn={'type': 'knn', 'data': {'name': 'arrays', 'dir': str(tmp_path),
+                                          'num_classes': 4}}))
+  assert result.returncode == 2, result.stderr[-3000:]
+  errors = [l for l in result.stderr.splitlines() if l.startswith('[lejepa_jax] error:')]
+  assert len(errors) == 1 and 'evaluator knn reads arrays' in errors[0], result.stderr[-3000:]
+  assert 'has no labels' in errors[0] and not workdir.exists()
+
+
+def test_evaluator_data_keys_are_checked():
+  c = _config('folder', '/nowhere', 'none')
+  c.evals = {'a': {'type': 'knn', 'data': {'global_size': 32}},
+             'b': {'type': 'online_probe', 'data': {'dir': '/x'}},
+             'c': {'type': 'knn', 'data': {'name': 'lmdb', 'labels': 'none'}}}
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(c)
+  for words in ('evals.a.data.global_size cannot be set per evaluator',
+                'evals.b.data: the online probe', "evals.c.data.name='lmdb'",
+                'evals.c.data.labels cannot be set per evaluator'):
+    assert words in str(e.value), (words, str(e.value))

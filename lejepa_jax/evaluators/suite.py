@@ -17,6 +17,14 @@ Features, num_classes, *, mesh, seed, **options) -> {'TYPE_KEY': float}`, and it
 are logged as `eval/NAME_KEY` (so the evaluator named linear_probe writes
 eval/linear_probe_top1).
 
+Data (`data`, a dict of config.data keys, EVALUATOR_DATA_KEYS): an evaluator reads
+config.data (default) or that with its `data` keys replaced: another labelled set for a
+transfer or in-domain comparison, or labelled images beside an unlabelled pretraining pool
+(data.labels='none'), e.g. data=dict(name='folder', dir='/data/labelled', num_classes=10).
+The image size and channels stay the model's (the evaluation crop resizes to
+data.global_size; folders convert to data.channels). Its splits are opened, and checked for
+labels, before anything is written.
+
 Features (`features`, a kind of `models.FEATURE_KINDS`): by default each evaluator reads
 those of the protocol it follows (PROTOCOL_FEATURES): the linear probe the paper's
 concatenated CLS tokens of the last two blocks ('probe'; the authors' README), k-NN and
@@ -33,9 +41,12 @@ from __future__ import annotations
 
 import difflib
 import time
+import copy
+import json
 from typing import Any, NamedTuple
 
 from absl import logging
+import numpy as np
 
 from lejepa_jax import config_schema
 from lejepa_jax import preemption
@@ -63,7 +74,10 @@ TYPES: dict[str, tuple[Any, dict]] = {
 # Types that read only the test split's features.
 TEST_ONLY = frozenset({'online_probe'})
 # Options of every evaluator besides `type`, with their defaults (see Spec).
-ENTRY_DEFAULTS = {'every': 0, 'max_examples': 0, 'features': ''}
+ENTRY_DEFAULTS = {'every': 0, 'max_examples': 0, 'features': '', 'data': {}}
+# The keys of config.data an evaluator's `data` may replace (the size and channels are the model's).
+EVALUATOR_DATA_KEYS = ('name', 'dir', 'train_split', 'test_split', 'num_classes', 'image_key', 'label_key', 'verify_images', 'resize_shorter',
+                       'eval_crop_fraction', 'mean', 'std')
 COMMON = ('type', *ENTRY_DEFAULTS)
 # type -> the features of the protocol it follows (see the module docstring).
 PROTOCOL_FEATURES = {'linear_probe': 'probe', 'knn': 'embedding', 'fewshot': 'embedding'}
@@ -84,6 +98,25 @@ class Spec(NamedTuple):
   max_examples: int     # 0: eval.max_examples
   options: dict
   features: str = ''    # a kind of models.FEATURE_KINDS ('': the protocol's)
+  data: dict = {}       # config.data keys it replaces ({}: config.data itself)
+
+
+def data_key(spec: Spec) -> str:
+  """'' for config.data, else a stable text of the evaluator's own data (one source each)."""
+  return json.dumps(spec.data, sort_keys=True, default=str) if spec.data else ''
+
+
+def data_of(config, spec: Spec):
+  """The data config `spec` reads: config.data with its `data` keys replaced."""
+  d = config_schema.resolve(config.data, 'data')
+  if not spec.data:
+    return d
+  d = copy.deepcopy(d)
+  with d.unlocked():
+    d.labels = 'auto'        # an evaluator reads labels, whatever the pretraining pool has
+    for key, value in spec.data.items():
+      d[key] = tuple(value) if isinstance(value, list) else value
+  return d
 
 
 def own_features(spec: Spec) -> str:
@@ -147,6 +180,21 @@ def problems(config) -> list[str]:
         out.append(f'evals.{name}.{key}={entry[key]!r} must be an integer >= 0')
     if entry['features'] and entry['features'] not in models.FEATURE_KINDS:
       out.append(f'evals.{name}.features={entry["features"]!r}: one of {sorted(models.FEATURE_KINDS)}')
+    data = entry['data']
+    if not hasattr(data, 'items'):
+      out.append(f'evals.{name}.data={data!r} must be a dict of data keys, e.g. '
+                 "dict(name='folder', dir='/data/labelled', num_classes=10)")
+    elif data and kind == 'online_probe':
+      out.append(f'evals.{name}.data: the online probe reads the classes it was trained on '
+                 '(config.data); give other data to a linear_probe, knn or fewshot evaluator')
+    else:
+      for key in data:
+        if key not in EVALUATOR_DATA_KEYS:
+          out.append(f'evals.{name}.data.{key} cannot be set per evaluator; its keys: '
+                     f'{", ".join(EVALUATOR_DATA_KEYS)}')
+      source = str(data.get('name', 'folder'))
+      if source not in ('fashion_mnist', 'folder', 'arrays') and not source.startswith('tfds:'):
+        out.append(f'evals.{name}.data.name={source!r}: one of {sources.NAMES}')
   return out
 
 
@@ -167,7 +215,33 @@ def specs(config, names=None) -> list[Spec]:
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
     entry = {**ENTRY_DEFAULTS, **entry}
     out.append(Spec(name, entry['type'], int(entry['every']), int(entry['max_examples']),
-                    options, entry['features'] or ''))
+                    options, entry['features'] or '', dict(entry['data'] or {})))
+  return out
+
+
+def open_sources(config, main: dict) -> dict:
+  """(data_key, split) -> source for every evaluator's splits; `main` holds config.data's
+  {split: source}. The evaluators' own data are opened here, once each, and refused with a
+  DataError when a split is empty or unlabelled (before anything is written)."""
+  out = {('', split): source for split, source in main.items()}
+  for spec in specs(config):
+    key, d = data_key(spec), data_of(config, spec)
+    for split in (d.test_split,) if spec.type in TEST_ONLY else (d.train_split, d.test_split):
+      if (key, split) in out:
+        continue
+      source = sources.get_source(d, split)
+      if not getattr(source, 'labelled', True):
+        raise sources.BadDataError(
+            f'evaluator {spec.name} reads {d.name} split {split!r} under {d.dir!r}, which has '
+            'no labels (a .npy file, an .npz without "labels", a TFDS set without '
+            f'data.label_key): give evals.{spec.name}.data a labelled set')
+      image = np.asarray(source[0]['image']) if len(source) else None
+      if image is None or (image.shape[-1] if image.ndim == 3 else 1) != d.channels:
+        raise sources.BadDataError(
+            f'evaluator {spec.name} reads {d.name} split {split!r} under {d.dir!r}: '
+            + ('no records' if image is None else
+               f'images of shape {image.shape}, the model takes {d.channels} channel(s)'))
+      out[key, split] = source
   return out
 
 
@@ -201,30 +275,35 @@ class Runner:
   call that have the same cap.
   """
 
-  def __init__(self, config, programs, *, train_source=None, test_source=None):
+  def __init__(self, config, programs, *, train_source=None, test_source=None, eval_sources=None):
     self.config, self.programs = config, programs
     d = config.data
-    self._sources = {d.train_split: train_source or sources.get_source(d, d.train_split),
-                     d.test_split: test_source or sources.get_source(d, d.test_split)}
+    main = {d.train_split: train_source or sources.get_source(d, d.train_split),
+            d.test_split: test_source or sources.get_source(d, d.test_split)}
+    self._sources = eval_sources or open_sources(config, main)
 
-  def capped(self, split: str, cap: int):
-    """The records of `split` the evaluators see: all (cap 0), or `cap` of them drawn with
-    config.seed (`sources.sample`), the same on every process and at every call."""
-    source = self._sources[split]
+  def capped(self, split: str, cap: int, data: str = ''):
+    """The records of `split` (of the data `data`, see data_key) the evaluators see: all
+    (cap 0), or `cap` of them drawn with config.seed (`sources.sample`), the same on every
+    process and at every call."""
+    source = self._sources[data, split]
     return sources.sample(source, cap, seed=self.config.seed) if cap else source
 
   def features(self, variables, cap: int, should_stop=None, kinds: tuple | None = None,
-               test_only: bool = False):
-    """(train, test) Features of `cap` images of each split (0: all), see `capped`: the
-    kinds given concatenated (default: Programs.features, i.e. eval.features). test_only:
-    the training split is skipped (None)."""
-    e, d = self.config.eval, self.config.data
+               test_only: bool = False, spec: Spec | None = None):
+    """(train, test) Features of `cap` images of each split (0: all), see `capped`, of the
+    data `spec` reads (default: config.data): the kinds given concatenated (default:
+    Programs.features, i.e. eval.features). test_only: the training split is skipped (None)."""
+    e = self.config.eval
+    d = data_of(self.config, spec) if spec else config_schema.resolve(self.config.data, 'data')
+    key = data_key(spec) if spec else ''
     program = self.programs.features_of(tuple(kinds)) if kinds else self.programs.features
     feed = sharding_lib.batch_feed(self.programs.mesh)
     out = [None] if test_only else []
     for split in (d.test_split,) if test_only else (d.train_split, d.test_split):
-      source = self.capped(split, cap)
-      logging.info('extracting features: %s (%d images)', split, len(source))
+      source = self.capped(split, cap, key)
+      logging.info('extracting features: %s%s (%d images)', split,
+                   f' of {d.name} {d.dir}' if key else '', len(source))
       batches = pipeline.eval_batches(source, d, local_batch_size=e.batch_size // feed.count,
                                       process_index=feed.index, process_count=feed.count)
       out.append(features_lib.extract(program, variables, batches,
@@ -241,19 +320,21 @@ class Runner:
     evaluation is abandoned with `preemption.NoticeDuringEvaluation`.
     """
     results, cached = {}, {}
-    num_classes, mesh = self.config.data.num_classes, self.programs.mesh
+    mesh = self.programs.mesh
     dims = models.feature_dims(self.programs.model)
-    # Grouped by cap (stable: config order within a group): one extraction per cap, of every
-    # kind of features the group reads, concatenated; each evaluator gets its columns.
-    for spec in sorted(run_specs, key=lambda s: cap(self.config, s)):
-      n = cap(self.config, spec)
+    # Grouped by data and cap (stable: config order within a group): one extraction per group,
+    # of every kind of features it reads, concatenated; each evaluator gets its columns.
+    group_of = lambda s: (data_key(s), cap(self.config, s))
+    for spec in sorted(run_specs, key=group_of):
+      n = group_of(spec)
       if n not in cached:
-        group = [s for s in run_specs if cap(self.config, s) == n]
+        group = [s for s in run_specs if group_of(s) == n]
         kinds = feature_kinds(self.config, group)
         test_only = all(s.type in TEST_ONLY for s in group)
-        cached = {n: (kinds, self.features(variables, n, should_stop, kinds,   # one alive
-                                           test_only=test_only))}
+        cached = {n: (kinds, self.features(variables, n[1], should_stop, kinds,   # one alive
+                                           test_only=test_only, spec=spec))}
       kinds, (train, test) = cached[n]
+      num_classes = data_of(self.config, spec).num_classes
       kind = feature_kind(self.config, spec)
       start = sum(dims[k] for k in kinds[:kinds.index(kind)])
       if len(kinds) > 1:

@@ -177,6 +177,16 @@ def _resolved_mesh(config, devices) -> dict:
                                                              len(devices))))
 
 
+def own_data_sizes(config, spec) -> tuple[int, int] | None:
+  """(train, test) sizes of an evaluator's own data (evals.NAME.data), or None if unknown."""
+  from lejepa_jax.evaluators import suite
+  from lejepa_jax.plan.topologies import eval_sizes
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    c.data = suite.data_of(config, spec)
+  return eval_sizes(c, None, None)
+
+
 def assess(config, devices, *, total_steps: int, usable: int, sizes=None,
            with_eval: bool = True, log=print) -> Assessment:
   """Builds the run's programs on `devices` and compiles them; never raises for OOM/sharding."""
@@ -226,12 +236,17 @@ def assess(config, devices, *, total_steps: int, usable: int, sizes=None,
       by_size = {}       # evaluators with the same cap share one feature extraction
       for spec in all_specs:
         cap = suite.cap(config, spec)
-        n = tuple(min(k, cap) if cap else k for k in sizes)
+        own = sizes if not spec.data else own_data_sizes(config, spec)
+        if not own:
+          log(f'  {spec.name}: not compiled (the size of its own data is unknown here)')
+          continue
+        n = tuple(min(k, cap) if cap else k for k in own)
         dim = dims[suite.feature_kind(config, spec)]
         if (n, dim) not in by_size:
           by_size[n, dim] = [features_lib.abstract_features(k, e.batch_size, dim, mesh)
                              for k in n]
-        jobs += suite.programs(spec, *by_size[n, dim], config.data.num_classes, mesh=mesh,
+        jobs += suite.programs(spec, *by_size[n, dim], suite.data_of(config, spec).num_classes,
+                               mesh=mesh,
                                probe=variables['params']['probe'])
       if by_size:        # resident during evaluation: all kinds of the largest extraction
         n = max((n for n, _ in by_size), key=sum)
