@@ -162,6 +162,15 @@ def _pattern_arrays(n: int, seed: int):
   return images, labels
 
 
+def _labelled_arrays(directory, *, train: int, test: int, seed: int) -> str:
+  """directory/{train,test}.npz holding labelled patterns."""
+  directory.mkdir()
+  for split, n in (('train', train), ('test', test)):
+    images, labels = _pattern_arrays(n, seed + (split == 'test'))
+    np.savez(directory / f'{split}.npz', images=images, labels=labels)
+  return str(directory)
+
+
 def test_pretrain_on_an_unlabelled_folder_and_probe_on_a_labelled_one(tmp_path):
   """The paper's in-domain setting: an unlabelled pool to pretrain on, a small labelled folder
   (another directory) for the evaluators; then `evaluate` points the finished run at a third,
@@ -182,36 +191,30 @@ def test_pretrain_on_an_unlabelled_folder_and_probe_on_a_labelled_one(tmp_path):
   # 32 labelled training images, 24 test images, 4 classes (chance 0.25); measured 0.875 / 0.958
   assert 0.5 <= final['eval/probe_top1'] <= 1.0 and 0.5 <= final['eval/knn_top1'] <= 1.0, final
 
-  arrays = tmp_path / 'arrays'
-  arrays.mkdir()
-  for split, n, seed in (('train', 40, 2), ('test', 20, 3)):
-    images, labels = _pattern_arrays(n, seed)
-    np.savez(arrays / f'{split}.npz', images=images, labels=labels)
+  arrays = _labelled_arrays(tmp_path / 'arrays', train=40, test=20, seed=2)
   result = test_folder._python(
       str(tmp_path), '-m', 'lejepa_jax.evaluate', f'--workdir={workdir}', '--noplots',
       _evals(transfer={'type': 'knn', 'k': 5,
-                       'data': {'name': 'arrays', 'dir': str(arrays), 'num_classes': 4}}))
+                       'data': {'name': 'arrays', 'dir': arrays, 'num_classes': 4}}))
   assert result.returncode == 0, result.stderr[-4000:]
   line = _metrics(workdir)[-1]
   assert line['step'] == 6 and 0.5 <= line['eval/transfer_top1'] <= 1.0, line   # measured 1.0
 
 
 def test_pretrain_on_unlabelled_arrays_and_probe_on_labelled_arrays(tmp_path):
-  pool, labelled = tmp_path / 'pool', tmp_path / 'labelled'
-  pool.mkdir(), labelled.mkdir()
+  pool = tmp_path / 'pool'
+  pool.mkdir()
   images, _ = _pattern_arrays(48, 0)
   np.savez(pool / 'train.npz', images=images)          # no labels: an unlabelled pool
   np.savez(pool / 'test.npz', images=images[:16])
-  for split, n, seed in (('train', 32, 1), ('test', 16, 2)):
-    x, y = _pattern_arrays(n, seed)
-    np.savez(labelled / f'{split}.npz', images=x, labels=y)
+  labelled = _labelled_arrays(tmp_path / 'labelled', train=32, test=16, seed=1)
   workdir = tmp_path / 'run'
   result = test_folder._python(
       str(tmp_path), '-m', 'lejepa_jax.main', '--config=configs/fmnist.py:runlocal',
       f'--workdir={workdir}', '--config.data.name=arrays', f'--config.data.dir={pool}',
       '--config.total_steps=4',
       _evals(knn={'type': 'knn', 'k': 5,
-                  'data': {'name': 'arrays', 'dir': str(labelled), 'num_classes': 4}}))
+                  'data': {'name': 'arrays', 'dir': labelled, 'num_classes': 4}}))
   assert result.returncode == 0, result.stderr[-4000:]
   final = _metrics(workdir)[-1]
   assert final['step'] == 4 and 0.5 <= final['eval/knn_top1'] <= 1.0, final    # measured 1.0
