@@ -12,6 +12,7 @@ def get_config(arg=None):
     raise ValueError(f"configs/fmnist.py takes no argument or 'runlocal', got {arg!r}")
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.init_from = ''                  # an export (python -m lejepa_jax.export) to start from
   c.batch_size = 64                 # measured: per-image cost is flat in batch size here,
                                     # so smaller batches buy more updates in 20 minutes
   c.total_steps = 4000              # 0.860 in 16.3 min with the evaluators (README); 3000 steps

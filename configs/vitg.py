@@ -45,6 +45,7 @@ def imagenet_vit(variant: str, patch_size: int, *, epochs: float, batch_size: in
   that table)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.init_from = ''                   # an export to start the encoder from ('': random)
   c.batch_size = batch_size          # the ablations' 512 is --config.batch_size=512
   c.total_steps = 0                  # 0: derived from epochs
   c.epochs = float(epochs)

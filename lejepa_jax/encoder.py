@@ -79,7 +79,8 @@ def flat_shapes(encoder_params, depth: int) -> dict[str, tuple]:
   return {k: tuple(v.shape) for k, v in flat.items()}
 
 
-def _unflatten(flat: dict, depth: int, scan: bool) -> dict:
+def unflatten(flat: dict, depth: int, scan: bool) -> dict:
+  """The inverse of flat_params: the nested params of a ViT (blocks stacked when `scan`)."""
   tree: dict = {}
   for name, value in flat.items():
     node = tree
@@ -221,7 +222,7 @@ def load_encoder(path, *, output: str = 'features', normalized: bool = False, dt
     raise ValueError(f'{path}/{WEIGHTS_FILE} does not match its {CONFIG_FILE}: missing '
                      f'{missing[:5]}, unexpected {extra[:5]}, wrong shapes '
                      f'{[(k, got[k], expected[k]) for k in wrong[:5]]}')
-  params = jax.tree.map(jnp.asarray, _unflatten(flat, cfg.depth, cfg.scan))
+  params = jax.tree.map(jnp.asarray, unflatten(flat, cfg.depth, cfg.scan))
   c = config['channels']
   mean = np.asarray(config['mean'][:c], np.float32)
   inv_std = (1.0 / np.asarray(config['std'][:c], np.float32)).astype(np.float32)

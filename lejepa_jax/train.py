@@ -21,6 +21,7 @@ import numpy as np
 from lejepa_jax import checkpoint as ckpt_lib
 from lejepa_jax import config as config_lib
 from lejepa_jax import diagnostics
+from lejepa_jax import init_from
 from lejepa_jax import metrics as metrics_lib
 from lejepa_jax import optim
 from lejepa_jax import plots
@@ -107,6 +108,9 @@ def _train(config, programs, mesh, open_stream, steps_total, mngr, writer, notic
   state, start, position = ckpt_lib.restore_latest(mngr, programs.abstract_state)
   if state is None:
     state = programs.init(np.int32(config.seed))
+    if config.init_from:
+      state = init_from.apply(state, config.init_from, config.model.depth, config.model.scan)
+      logging.info('encoder initialised from %s', config.init_from)
   data_iter, next_batch_index = open_stream(start, position)
   writer.resume(start)     # drops metric lines past `start`: this run logs those steps again
   n_params = sum(x.size for x in jax.tree.leaves(state.params['encoder']))
@@ -246,6 +250,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict:
     raise ConfigError(f'--workdir={workdir} is a file, not a directory: pass a directory')
   run = config_lib.prepare(config, devices)
   mesh, feed, steps_total, programs = run.mesh, run.feed, run.total_steps, run.programs
+  if config.init_from:
+    init_from.check(config, programs.abstract_state.params['encoder'])
   train_source, test_source = run.train_source, run.test_source
   logging.info('mesh %s over %d devices, %d processes (%s); this process reads batch block '
                '%d of %d%s', dict(mesh.shape), mesh.devices.size, jax.process_count(),

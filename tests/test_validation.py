@@ -315,7 +315,7 @@ DEFAULTS_OF_EARLIER_VERSIONS = {
     'diagnostics.min_proj_var': 0.1, 'diagnostics.plots': True,
     'evals': {'linear_probe': {'type': 'linear_probe'}, 'knn': {'type': 'knn'}},
     # added since, each defaulting to the behaviour before it:
-    'data.labels': 'auto',
+    'data.labels': 'auto', 'init_from': '',
 }
 
 

@@ -1,0 +1,94 @@
+"""config.init_from: a run starts its encoder from an export; mismatches stop it before it writes."""
+
+import jax
+import numpy as np
+import pytest
+
+import test_folder   # tests/test_folder.py: the CLI in a fresh process
+from configs import fmnist
+from lejepa_jax import config as config_lib
+from lejepa_jax import init_from
+from lejepa_jax import sharding as sharding_lib
+from lejepa_jax import steps
+
+
+@pytest.fixture(scope='module')
+def export(tmp_path_factory):
+  """An encoder exported from 2 steps of the runlocal config, seed 7."""
+  tmp = tmp_path_factory.mktemp('init_from')
+  workdir, out = tmp / 'run', tmp / 'export'
+  result = test_folder._python(str(tmp), '-m', 'lejepa_jax.main',
+                               '--config=configs/fmnist.py:runlocal', f'--workdir={workdir}',
+                               '--config.total_steps=2', '--config.seed=7', '--config.evals={}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  result = test_folder._python(str(tmp), '-m', 'lejepa_jax.export', f'--workdir={workdir}',
+                               f'--out={out}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  return str(out)
+
+
+def _config(**model):
+  c = fmnist.get_config('runlocal')
+  c.model.update(model)
+  return c
+
+
+def test_step_0_features_are_the_exported_encoders(export):
+  import lejepa_jax
+  c = _config()
+  c.init_from = export
+  mesh = sharding_lib.make_mesh(c.mesh)
+  programs = steps.build(c, mesh, 10)
+  init_from.check(c, programs.abstract_state.params['encoder'])
+  images = np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1), np.uint8)
+  want = np.asarray(lejepa_jax.load_encoder(export)(images))
+  exported = lejepa_jax.load_encoder(export)
+  normalized = np.stack([exported.preprocess(x) for x in images])
+  with sharding_lib.activate(mesh):
+    fresh = programs.init(np.int32(0))
+    state = init_from.apply(fresh, export, c.model.depth, c.model.scan)
+    x = jax.device_put(normalized, sharding_lib.batch_sharding(mesh))
+    got = np.asarray(programs.features(steps.variables(state), x))
+    random = np.asarray(programs.features(steps.variables(fresh), x))
+  assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+  assert np.abs(random - want).max() > 1e-2 * np.abs(want).max()    # seed 0 is another model
+  # The projector and the online probe start as a fresh run's.
+  for part in ('projector', 'probe'):
+    for a, b in zip(jax.tree.leaves(state.params[part]), jax.tree.leaves(fresh.params[part])):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_a_run_starts_from_the_export_and_a_wrong_one_exits_2(export, tmp_path):
+  workdir = tmp_path / 'run'
+  result = test_folder._python(str(tmp_path), '-m', 'lejepa_jax.main',
+                               '--config=configs/fmnist.py:runlocal', f'--workdir={workdir}',
+                               '--config.total_steps=2', '--config.evals={}',
+                               f'--config.init_from={export}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'encoder initialised from {export}' in result.stderr
+  for bad, words in ((['--config.model.width=48', '--config.model.num_heads=2'],
+                      "does not fit this config's encoder"),
+                     ([], 'not a lejepa_jax export')):
+    other = tmp_path / f'bad{len(bad)}'
+    source = export if bad else str(tmp_path)
+    result = test_folder._python(str(tmp_path), '-m', 'lejepa_jax.main',
+                                 '--config=configs/fmnist.py:runlocal', f'--workdir={other}',
+                                 f'--config.init_from={source}', *bad)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [l for l in result.stderr.splitlines() if l.startswith('[lejepa_jax] error:')]
+    assert len(errors) == 1 and words in errors[0], result.stderr[-3000:]
+    assert not other.exists()
+
+
+def test_mismatches_are_listed():
+  found = {'encoder/a': (2, 3), 'encoder/b': (4,), 'encoder/extra': (1,)}
+  expected = {'encoder/a': (2, 3), 'encoder/b': (5,), 'encoder/c': (7,)}
+  assert init_from.mismatches(found, expected) == [
+      'missing encoder/c (7,)', 'unexpected encoder/extra (1,)',
+      'encoder/b: (4,) in the file, (5,) in the run']
+  c = _config(width=48, num_heads=2)
+  c.init_from = '/nonexistent'
+  mesh = sharding_lib.make_mesh(c.mesh)
+  programs = steps.build(c, mesh, 10)
+  with pytest.raises(config_lib.ConfigError, match='does not exist'):
+    init_from.check(c, programs.abstract_state.params['encoder'])
