@@ -1,18 +1,24 @@
-"""Start a run from pretrained weights: `config.init_from` = an export of
-`python -m lejepa_jax.export` (a directory holding model.safetensors and config.json).
+"""Start a run from pretrained weights: `config.init_from` is either
+- an export of `python -m lejepa_jax.export` (a directory holding model.safetensors and
+  config.json), or
+- a timm VisionTransformer's state dict (a .safetensors file, or a .pth/.bin file saved with
+  torch.save, which needs torch): `timm_format.from_timm_state_dict` renames it; timm's
+  position embedding of the CLS token is folded into the CLS token. The config must describe
+  the same architecture (width, depth, heads, mlp, patch, registers, GELU: timm's default is
+  model.gelu='exact').
 
-The encoder's weights are taken from the export (the projector and the online probe start
-as usual); a checkpoint in the workdir, when there is one, wins (a resumed run continues
-from its own state). The names and shapes are checked against the run's encoder when the
-run starts, before anything is written: every missing, unexpected or differently shaped
-weight is listed in one `ConfigError`. Reading a lejepa_jax checkpoint or a timm state dict
-is not supported yet: export the run first (`python -m lejepa_jax.export`).
+The encoder's weights are taken from it (the projector and the online probe start as usual);
+a checkpoint in the workdir, when there is one, wins (a resumed run continues from its own
+state). The names and shapes are checked against the run's encoder when the run starts,
+before anything is written: every missing, unexpected or differently shaped weight is listed
+in one `ConfigError`. A lejepa_jax checkpoint is not read directly: export the run first.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from lejepa_jax import encoder as encoder_lib
+from lejepa_jax import timm_format
 from lejepa_jax.config import ConfigError
 
 
@@ -25,10 +31,42 @@ def mismatches(found: dict[str, tuple], expected: dict[str, tuple]) -> list[str]
   return out
 
 
-def weight_shapes(path) -> dict[str, tuple]:
-  """{'encoder/...': shape} of an export, from its safetensors header (no tensor is read)."""
+TIMM_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin')
+
+
+def _is_timm_file(path) -> bool:
+  from etils import epath
+  p = epath.Path(path)
+  return p.suffix in TIMM_SUFFIXES and not p.is_dir()
+
+
+def _timm_weights(path, expected: dict[str, tuple]) -> dict[str, np.ndarray]:
+  from etils import epath
+  p = epath.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f'{p} does not exist')
+  if p.suffix == '.safetensors':
+    import safetensors.numpy
+    state = safetensors.numpy.load(p.read_bytes())
+  else:
+    try:
+      import torch
+    except ImportError:
+      raise ValueError(f'{p} is a torch file: reading it needs torch (pip install torch), or '
+                       'save the state dict with safetensors') from None
+    with p.open('rb') as f:
+      state = torch.load(f, map_location='cpu', weights_only=True)
+    state = state.get('state_dict', state.get('model', state))
+    state = {k: v.float().numpy() for k, v in state.items() if hasattr(v, 'numpy')}
+  return timm_format.from_timm_state_dict(state, expected)
+
+
+def weight_shapes(path, expected: dict[str, tuple]) -> dict[str, tuple]:
+  """{'encoder/...': shape} of what `path` holds (an export: from its safetensors header)."""
   from etils import epath
   import safetensors
+  if _is_timm_file(path):
+    return {k: tuple(v.shape) for k, v in _timm_weights(path, expected).items()}
   encoder_lib.read_config(path)        # says what is wrong when it is not an export
   file = epath.Path(path) / encoder_lib.WEIGHTS_FILE
   if not file.exists():
@@ -40,26 +78,30 @@ def weight_shapes(path) -> dict[str, tuple]:
 
 
 def check(config, abstract_encoder_params) -> None:
-  """Raises ConfigError (unreadable export or mismatching weights) before the run writes."""
+  """Raises ConfigError (unreadable file or mismatching weights) before the run writes."""
   path = config.init_from
-  try:
-    found = weight_shapes(path)
-  except (FileNotFoundError, ValueError) as e:
-    raise ConfigError(f'init_from={path!r}: {e}') from None
   expected = encoder_lib.flat_shapes(abstract_encoder_params, config.model.depth)
+  try:
+    found = weight_shapes(path, expected)
+  except (FileNotFoundError, ValueError, OSError) as e:
+    raise ConfigError(f'init_from={path!r}: {e}') from None
   problems = mismatches(found, expected)
   if problems:
     shown = '; '.join(problems[:12]) + (f'; and {len(problems) - 12} more' if len(problems) > 12
                                          else '')
     raise ConfigError(f'init_from={path!r} does not fit this config\'s encoder ({len(problems)} '
-                        f'weight(s)): {shown}. Export a model of the same shape (model.width, '
-                        'depth, num_heads, mlp_dim, patch_size, image size, registers, head)')
+                      f'weight(s)): {shown}. Start from a model of the same shape (model.width, '
+                      'depth, num_heads, mlp_dim, patch_size, image size, registers, head)')
 
 
 def apply(state, path, depth: int, scan: bool):
-  """`state` with the encoder weights of the export at `path` (on the state's shardings)."""
+  """`state` with the encoder weights at `path` (on the state's shardings)."""
   import jax
-  loaded = encoder_lib.unflatten(encoder_lib.read_weights(path), depth, scan)
+  if _is_timm_file(path):
+    flat = _timm_weights(path, encoder_lib.flat_shapes(state.params['encoder'], depth))
+  else:
+    flat = encoder_lib.read_weights(path)
+  loaded = encoder_lib.unflatten(flat, depth, scan)
 
   def put(key_path, like):
     value = loaded

@@ -132,3 +132,56 @@ def timm_state_dict(flat: dict[str, np.ndarray], model: dict) -> dict[str, np.nd
     raise ValueError(f'{expected} encoder arrays but {len(out)} timm tensors: the ViT layout '
                      'changed without timm_format.py')
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def from_timm_state_dict(state: dict, expected: dict[str, tuple]) -> dict[str, np.ndarray]:
+  """The inverse of timm_state_dict, onto our encoder's names and shapes (`expected`:
+  encoder.flat_shapes of the run's encoder): float32 arrays named 'encoder/...'.
+
+  timm adds a position embedding to the CLS token; ours has none, so that slot is folded
+  into the CLS token (the same input to the first block). Keys that do not fit, and names of
+  ours that no key fills, are left to the caller (init_from lists them as mismatches);
+  timm's parameter-free and classifier-only keys are ignored.
+  """
+  state = {k: np.asarray(v, np.float32) for k, v in state.items()}
+  out = {}
+
+  def put(name, value):
+    shape = expected.get('encoder/' + name)
+    if shape is not None and value.size == int(np.prod(shape)):
+      value = value.reshape(shape)
+    out['encoder/' + name] = value
+
+  direct = {'cls_token': 'cls', 'reg_token': 'registers', 'patch_embed.proj.bias': 'patch_embed/bias',
+            'norm.weight': 'final_norm/scale', 'norm.bias': 'final_norm/bias', 'head.bias': 'head/bias'}
+  for key, name in direct.items():
+    if key in state:
+      put(name, state[key])
+  if 'patch_embed.proj.weight' in state:
+    put('patch_embed/kernel', state['patch_embed.proj.weight'].transpose(2, 3, 1, 0))
+  if 'head.weight' in state:
+    put('head/kernel', state['head.weight'].T)
+  if 'pos_embed' in state:
+    pos = state['pos_embed']
+    ours = expected.get('encoder/pos_embedding')
+    if ours is not None and pos.shape[1] == ours[1] + 1 and 'cls_token' in state:
+      put('cls', state['cls_token'] + pos[:, :1])    # timm's CLS position slot, folded in
+      pos = pos[:, 1:]
+    put('pos_embedding', pos)
+  per_block = {'norm1.weight': 'norm1/scale', 'norm1.bias': 'norm1/bias',
+               'attn.qkv.bias': 'attn/qkv_bias', 'attn.proj.bias': 'attn/out_bias',
+               'norm2.weight': 'norm2/scale', 'norm2.bias': 'norm2/bias',
+               'mlp.fc1.bias': 'mlp_in/bias', 'mlp.fc2.bias': 'mlp_out/bias'}
+  transposed = {'attn.qkv.weight': 'attn/qkv_kernel', 'attn.proj.weight': 'attn/out_kernel',
+                'mlp.fc1.weight': 'mlp_in/kernel', 'mlp.fc2.weight': 'mlp_out/kernel'}
+  for key, value in state.items():
+    if not key.startswith('blocks.'):
+      continue
+    _, index, rest = key.split('.', 2)
+    if rest in per_block:
+      put(f'block_{index}/{per_block[rest]}', value)
+    elif rest in transposed:
+      put(f'block_{index}/{transposed[rest]}', value.T)
+    else:
+      out[f'timm:{key}'] = value              # not ours: reported as unexpected
+  return out

@@ -92,3 +92,41 @@ def test_mismatches_are_listed():
   programs = steps.build(c, mesh, 10)
   with pytest.raises(config_lib.ConfigError, match='does not exist'):
     init_from.check(c, programs.abstract_state.params['encoder'])
+
+
+@pytest.mark.parametrize('file', ['model.safetensors', 'model.pth'])
+def test_a_timm_vit_s_state_dict_gives_timms_features(tmp_path, file):
+  """A timm ViT-S/16 (random weights, every one perturbed, CLS position slot included) saved as
+  a state dict: the run's encoder built from it gives timm's final-norm CLS (rel 1e-4)."""
+  from test_timm import import_timm, timm_features
+  torch, timm = import_timm()
+  torch.manual_seed(0)
+  model = timm.create_model('vit_small_patch16_224', pretrained=False, num_classes=0,
+                            img_size=32, in_chans=1).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.02 * torch.randn_like(p))
+  path = str(tmp_path / file)
+  if file.endswith('.safetensors'):
+    import safetensors.torch
+    safetensors.torch.save_file(model.state_dict(), path)
+  else:
+    torch.save(model.state_dict(), path)
+  c = _config(width=384, depth=12, num_heads=6, mlp_dim=1536, patch_size=16, gelu='exact',
+              scan=True)
+  c.data.global_size, c.data.local_size = 32, 16
+  c.init_from = path
+  mesh = sharding_lib.make_mesh(c.mesh)
+  programs = steps.build(c, mesh, 10)
+  init_from.check(c, programs.abstract_state.params['encoder'])
+  x = np.random.default_rng(1).standard_normal((8, 32, 32, 1)).astype(np.float32)
+  want = timm_features(model, x)['cls']
+  with sharding_lib.activate(mesh):
+    state = init_from.apply(programs.init(np.int32(0)), path, 12, True)
+    got = np.asarray(programs.features_of(('embedding',))(
+        steps.variables(state), jax.device_put(x, sharding_lib.batch_sharding(mesh))))
+  assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+  # Another architecture: every mismatch named in one message.
+  c.model.num_registers = 2
+  with pytest.raises(config_lib.ConfigError, match='missing encoder/registers'):
+    init_from.check(c, steps.build(c, mesh, 10).abstract_state.params['encoder'])
