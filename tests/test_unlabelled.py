@@ -248,3 +248,38 @@ def test_evaluator_data_keys_are_checked():
                 'evals.b.data: the online probe', "evals.c.data.name='lmdb'",
                 'evals.c.data.labels cannot be set per evaluator'):
     assert words in str(e.value), (words, str(e.value))
+
+
+@pytest.mark.parametrize('case, words', [
+    ('unlabelled_folder_to_an_evaluator', 'evaluator knn (evals.knn.data) reads labelled images'),
+    ('empty_folder', 'no .png/.jpg/.jpeg images'),
+    ('folder_of_non_images', 'unreadable image file'),
+])
+def test_bad_input_exits_2_with_one_message_and_writes_nothing(tmp_path, case, words):
+  pool = make_unlabelled_folder(tmp_path / 'pool', 40)
+  flags = ['--config.data.name=folder', '--config.data.labels=none']
+  if case == 'unlabelled_folder_to_an_evaluator':     # images straight in train/ and test/
+    flat, rng = tmp_path / 'flat', np.random.default_rng(0)
+    for split in ('train', 'test'):
+      (flat / split).mkdir(parents=True)
+      for i in range(3):
+        test_folder._save(str(flat / split / f'{i}'), test_folder._pattern(i, 28, 28, rng),
+                          'L.png', rng)
+    flags += [f'--config.data.dir={pool}',
+              _evals(knn={'type': 'knn', 'data': {'name': 'folder', 'dir': str(flat),
+                                                  'num_classes': 4}})]
+  else:
+    bad = tmp_path / 'bad' / 'train' / 'deeper'
+    bad.mkdir(parents=True)
+    if case == 'folder_of_non_images':
+      for i in range(40):
+        (bad / f'{i}.jpg').write_text('a text file named like an image')
+    flags += [f'--config.data.dir={tmp_path / "bad"}', '--config.evals={}']
+  workdir = tmp_path / 'run'
+  result = test_folder._python(str(tmp_path), '-m', 'lejepa_jax.main',
+                               '--config=configs/fmnist.py:runlocal', f'--workdir={workdir}',
+                               *flags)
+  assert result.returncode == 2, result.stderr[-3000:]
+  errors = [l for l in result.stderr.splitlines() if l.startswith('[lejepa_jax] error:')]
+  assert len(errors) == 1 and words in errors[0], result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr and not workdir.exists()

@@ -229,7 +229,11 @@ def open_sources(config, main: dict) -> dict:
     for split in (d.test_split,) if spec.type in TEST_ONLY else (d.train_split, d.test_split):
       if (key, split) in out:
         continue
-      source = sources.get_source(d, split)
+      try:
+        source = sources.get_source(d, split)
+      except sources.DataError as e:
+        raise type(e)(f'evaluator {spec.name} (evals.{spec.name}.data) reads labelled images: '
+                      f'{e}') from None
       if not getattr(source, 'labelled', True):
         raise sources.BadDataError(
             f'evaluator {spec.name} reads {d.name} split {split!r} under {d.dir!r}, which has '
