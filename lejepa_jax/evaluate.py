@@ -5,7 +5,9 @@
 
 Runs the evaluators of the run's config (DIR/config.json, written when training starts;
 or --config=configs/NAME.py for older workdirs) on the checkpoint of step S (default: the
-newest), on a finished or a still-running workdir. Results are printed, appended to
+newest), on a finished or a still-running workdir. With --config.init_from=EXPORT (an export
+or a timm state dict) and no checkpoint in DIR, it evaluates that encoder as it is (step 0):
+the frozen baseline an in-domain run is compared with. Results are printed, appended to
 DIR/metrics.jsonl as one line at step S (eval/NAME_KEY, like the evaluations made during
 training) and plotted into DIR/plots/. --config.KEY=VALUE changes any key of the stored
 config for this evaluation only (evaluator options, eval batch size, the mesh...).
@@ -19,6 +21,7 @@ from absl import flags
 from absl import logging
 import jax
 import ml_collections
+import numpy as np
 from ml_collections import config_flags
 
 from lejepa_jax import cli
@@ -52,7 +55,17 @@ def evaluate_workdir(config, workdir, *, step: int | None = None, names=None,
   run = config_lib.prepare(config, devices)
   mesh, programs = run.mesh, run.programs
   train_source, test_source = run.train_source, run.test_source
-  state, step = ckpt_lib.restore_state(workdir, programs.abstract_state, step)
+  has_checkpoints = ckpt_lib.directory(workdir).exists()
+  if config.init_from and not has_checkpoints and step in (None, 0):
+    # No run here: evaluate the encoder of init_from itself (step 0; e.g. a transfer baseline).
+    from lejepa_jax import init_from
+    init_from.check(config, programs.abstract_state.params['encoder'])
+    with sharding_lib.activate(mesh):
+      state = init_from.apply(programs.init(np.int32(config.seed)), config.init_from,
+                              config.model.depth, config.model.scan)
+    step = 0
+  else:
+    state, step = ckpt_lib.restore_state(workdir, programs.abstract_state, step)
   logging.info('evaluating %s at step %d: %s', workdir, step, ', '.join(s.name for s in run_specs))
   runner = suite.Runner(config, programs, train_source=train_source, test_source=test_source,
                         eval_sources=run.eval_sources)

@@ -1,5 +1,7 @@
 """config.init_from: a run starts its encoder from an export; mismatches stop it before it writes."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -130,3 +132,22 @@ def test_a_timm_vit_s_state_dict_gives_timms_features(tmp_path, file):
   c.model.num_registers = 2
   with pytest.raises(config_lib.ConfigError, match='missing encoder/registers'):
     init_from.check(c, steps.build(c, mesh, 10).abstract_state.params['encoder'])
+
+
+def test_evaluate_an_export_without_training_equals_its_run(export, tmp_path):
+  """evaluate --config.init_from=EXPORT on an empty workdir (a frozen baseline) gives the
+  figures of the run the export came from, evaluated on its checkpoint."""
+  import json
+  knn = '--config.evals=' + json.dumps({'knn': {'type': 'knn', 'k': 5, 'max_examples': 256}})
+  run = os.path.join(os.path.dirname(export), 'run')
+  figures = []
+  for args in ([f'--workdir={run}'],
+               [f'--workdir={tmp_path / "baseline"}', '--config=configs/fmnist.py:runlocal',
+                f'--config.init_from={export}', '--config.seed=7']):   # the run's: same subset
+    result = test_folder._python(str(tmp_path), '-m', 'lejepa_jax.evaluate', '--noplots', *args,
+                                 knn)     # after --config: absl wants the file first
+    assert result.returncode == 0, result.stderr[-3000:]
+    workdir = args[0].split('=', 1)[1]
+    figures.append([json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))][-1])
+  assert figures[1]['step'] == 0 and figures[0]['step'] == 2
+  assert figures[1]['eval/knn_top1'] == figures[0]['eval/knn_top1'] > 0.3, figures
