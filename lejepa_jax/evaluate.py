@@ -126,6 +126,11 @@ def define_config_flag(argv) -> None:
     cli.fail(cli.unknown_override_message(argv, e))
 
 
+def define_flags() -> None:
+  """The flags `python -m lejepa_jax.evaluate` defines when run (--config among them)."""
+  define_config_flag([])
+
+
 if __name__ == '__main__':
   define_config_flag(sys.argv)
   app.run(main, flags_parser=cli.parse_flags)
