@@ -39,10 +39,10 @@ pass yields every kind they need).
 """
 from __future__ import annotations
 
-import difflib
-import time
 import copy
+import difflib
 import json
+import time
 from typing import Any, NamedTuple
 
 from absl import logging
@@ -76,8 +76,9 @@ TEST_ONLY = frozenset({'online_probe'})
 # Options of every evaluator besides `type`, with their defaults (see Spec).
 ENTRY_DEFAULTS = {'every': 0, 'max_examples': 0, 'features': '', 'data': {}}
 # The keys of config.data an evaluator's `data` may replace (the size and channels are the model's).
-EVALUATOR_DATA_KEYS = ('name', 'dir', 'train_split', 'test_split', 'num_classes', 'image_key', 'label_key', 'verify_images', 'resize_shorter',
-                       'eval_crop_fraction', 'mean', 'std')
+EVALUATOR_DATA_KEYS = ('name', 'dir', 'train_split', 'test_split', 'num_classes', 'image_key',
+                       'label_key', 'verify_images', 'resize_shorter', 'eval_crop_fraction',
+                       'mean', 'std')
 COMMON = ('type', *ENTRY_DEFAULTS)
 # type -> the features of the protocol it follows (see the module docstring).
 PROTOCOL_FEATURES = {'linear_probe': 'probe', 'knn': 'embedding', 'fewshot': 'embedding'}
@@ -192,7 +193,7 @@ def problems(config) -> list[str]:
         if key not in EVALUATOR_DATA_KEYS:
           out.append(f'evals.{name}.data.{key} cannot be set per evaluator; its keys: '
                      f'{", ".join(EVALUATOR_DATA_KEYS)}')
-      source = str(data.get('name', 'folder'))
+      source = str(data.get('name', 'fashion_mnist'))    # without a name: config.data's
       if source not in ('fashion_mnist', 'folder', 'arrays') and not source.startswith('tfds:'):
         out.append(f'evals.{name}.data.name={source!r}: one of {sources.NAMES}')
   return out
