@@ -124,25 +124,6 @@ def test_unlabelled_arrays_with_evaluators_exit_2_before_writing(tmp_path):
   assert not workdir.exists()
 
 
-def test_pretrain_on_an_unlabelled_nested_folder(tmp_path):
-  """The CLI on a folder without classes: trains and saves; no label reaches the online probe
-  (its loss and accuracy count no image)."""
-  pool = make_unlabelled_folder(tmp_path / 'pool', 40)
-  workdir = tmp_path / 'run'
-  result = test_folder._python(str(tmp_path), '-m', 'lejepa_jax.main',
-                               '--config=configs/fmnist.py:runlocal', f'--workdir={workdir}',
-                               '--config.data.name=folder', f'--config.data.dir={pool}',
-                               '--config.data.labels=none', '--config.evals={}',
-                               '--config.total_steps=6', '--config.log_every=2')
-  assert result.returncode == 0, result.stderr[-4000:]
-  lines = [json.loads(l) for l in open(workdir / 'metrics.jsonl')]
-  train = [l for l in lines if 'train/loss' in l]
-  assert train and train[-1]['step'] == 6
-  assert all(l['train/probe_loss'] == 0.0 and l['train/probe_top1'] == 0.0 for l in train)
-  assert all(np.isfinite(l['train/loss']) and l['train/sigreg'] > 0 for l in train)
-  assert (workdir / 'checkpoints').is_dir()
-
-
 # ---------------------------------------------------- probing on a labelled set of its own
 
 def _evals(**entries) -> str:
@@ -186,8 +167,12 @@ def test_pretrain_on_an_unlabelled_folder_and_probe_on_a_labelled_one(tmp_path):
       _evals(probe={'type': 'linear_probe', 'lrs': [0.01], 'epochs': 5, 'data': own},
              knn={'type': 'knn', 'k': 5, 'data': own}))
   assert result.returncode == 0, result.stderr[-4000:]
-  final = _metrics(workdir)[-1]
-  assert final['step'] == 6
+  lines = _metrics(workdir)
+  train, final = [l for l in lines if 'train/loss' in l], lines[-1]
+  assert final['step'] == 6 and train and (workdir / 'checkpoints').is_dir()
+  # No label reaches the online probe: its loss and accuracy count no image.
+  assert all(l['train/probe_loss'] == 0.0 and l['train/probe_top1'] == 0.0 for l in train)
+  assert all(np.isfinite(l['train/loss']) and l['train/sigreg'] > 0 for l in train)
   # 32 labelled training images, 24 test images, 4 classes (chance 0.25); measured 0.875 / 0.958
   assert 0.5 <= final['eval/probe_top1'] <= 1.0 and 0.5 <= final['eval/knn_top1'] <= 1.0, final
 
