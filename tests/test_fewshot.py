@@ -25,6 +25,36 @@ def _ridge_numpy(x, y, test_x, num_classes, reg):
   return np.argmax((test_x - centre) @ w, axis=1)
 
 
+def _ridge_weights_numpy(x, y, num_classes, reg):
+  """float64 (W, centre) of the ridge fit, primal form."""
+  x = x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+  centre = x.mean(0)
+  xc = x - centre
+  targets = 2 * np.eye(num_classes)[y] - 1
+  return np.linalg.solve(xc.T @ xc + reg * np.eye(x.shape[1]), xc.T @ targets), centre
+
+
+@pytest.mark.parametrize('dim', [6, 40])     # 40 padded rows: primal form (6), kernel form (40)
+def test_one_fit_program_serves_every_shot_count_padding_rows_drop_out_exactly(dim):
+  """Every shot count runs the program compiled for the largest: the 3-shot fit padded to
+  10 shots (row 0 labelled -1) gives the float64 weights of the 3-shot support set alone."""
+  mesh = _mesh('8dev')
+  rng = np.random.default_rng(3)
+  num_classes, regs = 4, (0.01, 1.0)
+  x = rng.normal(size=(256, dim)).astype(np.float32) + 2.0      # off-centre: padding would show
+  y = np.arange(256) % num_classes
+  train = features_lib.from_numpy(x, y, mesh, 64)
+  labels = fewshot.host_labels(train, mesh)
+  flat_x = np.asarray(train.x).reshape(-1, dim)
+  rows = fewshot.support_rows(labels, num_classes, 3, np.random.default_rng(0))
+  fit = fewshot._fit_fn(mesh, num_classes, regs)
+  w, centre = fit(train.x, *fewshot._padded(rows, labels[rows], 10 * num_classes))
+  for i, reg in enumerate(regs):
+    want_w, want_centre = _ridge_weights_numpy(flat_x[rows], labels[rows], num_classes, reg)
+    np.testing.assert_allclose(np.asarray(centre), want_centre, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(w[i]), want_w, rtol=2e-3, atol=2e-4 * np.abs(want_w).max())
+
+
 def _clustered(rng, centres, n, noise):
   y = rng.integers(0, len(centres), n)
   return (centres[y] + noise * rng.normal(size=(n, centres.shape[1]))).astype(np.float32), y

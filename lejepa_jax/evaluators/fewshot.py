@@ -54,18 +54,23 @@ def support_rows(labels: np.ndarray, num_classes: int, shots: int,
 
 @functools.lru_cache(maxsize=None)
 def _fit_fn(mesh, num_classes: int, l2_regs: tuple):
-  """(train x, support rows, their labels) -> (W (R, F, C) for each l2 reg, centre (F,))."""
+  """(train x, support rows, their labels) -> (W (R, F, C) for each l2 reg, centre (F,)).
+
+  Rows labelled -1 are padding and drop out exactly (zero rows of the centred features and
+  targets): every shot count runs the one program compiled for the largest."""
   rep = NamedSharding(mesh, P())
 
   @functools.partial(jax.jit, in_shardings=(features_lib.x_sharding(mesh), rep, rep),
                      out_shardings=(rep, rep))
   def fit(x, rows, labels):
-    support = _normalize(features_lib.take_rows(x, rows, mesh, replicated=True))
-    centre = support.mean(axis=0)
-    xc = support - centre
-    targets = 2.0 * jax.nn.one_hot(labels, num_classes) - 1.0
+    valid = (labels >= 0).astype(jnp.float32)[:, None]
+    support = _normalize(features_lib.take_rows(x, rows, mesh, replicated=True)) * valid
+    centre = support.sum(axis=0) / valid.sum()
+    xc = (support - centre) * valid
+    targets = (2.0 * jax.nn.one_hot(labels, num_classes) - 1.0) * valid
     n, dim = xc.shape
     # The same W either way; solve the smaller system (n = shots x classes images, dim features).
+    # A padding row is zero in Xc and Y, so its dual coefficient is 0 and the primal sums skip it.
     if n <= dim:
       gram, eye = xc @ xc.T, jnp.eye(n, dtype=xc.dtype)
       one = lambda reg: xc.T @ jnp.linalg.solve(gram + reg * eye, targets)  # Xc^T (Xc Xc^T + rI)^-1 Y
@@ -74,6 +79,13 @@ def _fit_fn(mesh, num_classes: int, l2_regs: tuple):
       one = lambda reg: jnp.linalg.solve(cov + reg * eye, xty)            # (Xc^T Xc + rI)^-1 Xc^T Y
     return jax.vmap(one)(jnp.asarray(l2_regs, jnp.float32)), centre
   return fit
+
+
+def _padded(rows: np.ndarray, labels: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """rows and their labels padded to `size` with row 0 labelled -1 (ignored by the fit)."""
+  pad = size - len(rows)
+  return (np.concatenate([rows, np.zeros(pad, np.int32)]),
+          np.concatenate([labels, np.full(pad, -1, np.int32)]).astype(np.int32))
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,11 +110,9 @@ def programs(train, test, num_classes: int, *, mesh, shots=(1, 5, 10, 25),
   rep = NamedSharding(mesh, P())
   sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
   regs, dim = tuple(float(r) for r in l2_regs), train.x.shape[-1]
-  out = []
-  for s in shots:
-    n = s * num_classes
-    out.append((f'fewshot/fit_{s}shot', _fit_fn(mesh, num_classes, regs),
-                (train.x, sds((n,), jnp.int32), sds((n,), jnp.int32))))
+  n = max(shots) * num_classes    # one fit program serves every shot count (padded rows)
+  out = [('fewshot/fit', _fit_fn(mesh, num_classes, regs),
+          (train.x, sds((n,), jnp.int32), sds((n,), jnp.int32)))]
   w = lambda r: sds((r, dim, num_classes), jnp.float32)
   out.append(('fewshot/correct', _correct_fn(mesh), (w(len(regs)), sds((dim,), jnp.float32),
                                                       test.x, test.y)))
@@ -116,6 +126,7 @@ def evaluate(train, test, num_classes: int, *, mesh, shots=(1, 5, 10, 25), seeds
   labels = host_labels(train, mesh)
   y_shape = train.y.shape
   correct = _correct_fn(mesh)
+  support_size = max(shots) * num_classes
   out = {}
   for s in shots:
     accuracies = []
@@ -123,7 +134,7 @@ def evaluate(train, test, num_classes: int, *, mesh, shots=(1, 5, 10, 25), seeds
       rng = np.random.default_rng([seed, s, trial])
       rows = support_rows(labels, num_classes, s, rng)
       w, centre = _fit_fn(mesh, num_classes, tuple(float(r) for r in l2_regs))(
-          train.x, rows, labels[rows])
+          train.x, *_padded(rows, labels[rows], support_size))
       best = 0
       if len(l2_regs) > 1:                 # pick the regulariser on other training images
         rest = np.setdiff1d(np.flatnonzero(labels >= 0), rows)
