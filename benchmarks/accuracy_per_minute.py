@@ -1,12 +1,15 @@
 """Frozen linear-probe accuracy after equal wall time: our CPU default against the authors'
-PyTorch minimal LeJEPA recipe, trained on the same machine, probed by the same code.
+PyTorch minimal LeJEPA recipe (and/or our ResNet-18 config), trained on the same machine,
+probed by the same code.
 
   python benchmarks/accuracy_per_minute.py [--minutes=10,20] [--torch_python=/opt/tvenv/bin/python]
       [--config=configs/fmnist.py] [--config.KEY=VALUE ...] [--max_probe_examples=0]
       [--calibration_steps=25] [--torch_workers=2] [--torch_bf16] [--workdir=DIR]
-      [--sides=ours,torch] [--quick]
+      [--sides=ours,torch,resnet] [--resnet_config=configs/fmnist_resnet.py] [--quick]
   # our side alone at 20 minutes (no second Python needed): what the CPU default reaches
   python benchmarks/accuracy_per_minute.py --minutes=20 --sides=ours
+  # the ViT default beside configs/fmnist_resnet.py (ResNet-18) at equal wall time
+  python benchmarks/accuracy_per_minute.py --minutes=20 --sides=ours,resnet
   # smoke run: a minute per side, short calibration, probe on 5,000 images of each split
   python benchmarks/accuracy_per_minute.py --minutes=1 --max_probe_examples=5000 \
       --calibration_steps=10
@@ -29,6 +32,9 @@ The two sides.
   features (eval.features='probe': CLS tokens of the last two blocks, concatenated) of the
   train and test splits with the evaluators' own extraction (`suite.Runner.features`: the
   whole 28 px image, normalised).
+- resnet: the same as ours with `--resnet_config` (configs/fmnist_resnet.py: ResNet-18 with
+  the 'cifar' stem, weight decay 5e-4; the probe reads its pooled 512-d features), its own
+  calibration and step count, the same rule and the same probe.
 - torch: the recipe of MINIMAL.md in github.com/rbalestr-lab/lejepa (its code and command
   line: V = 4 views of one size, lambda 0.02, loss (1 - lambda) * inv + lambda * SIGReg with inv
   the squared distance of every view's projection to the mean over views, SIGReg the
@@ -148,6 +154,8 @@ else:
   from lejepa_jax.evaluators import suite
 
   _CONFIG = config_flags.DEFINE_config_file('config', 'configs/fmnist.py', 'Our side\'s config.')
+  _RESNET_CONFIG = config_flags.DEFINE_config_file('resnet_config', 'configs/fmnist_resnet.py',
+                                                   "The resnet side's config.")
   _MINUTES = flags.DEFINE_list('minutes', ['10', '20'], 'Training budgets in minutes, per side.')
   _TORCH_PYTHON = flags.DEFINE_string('torch_python', '/opt/tvenv/bin/python',
                                       'A Python with torch and torchvision (the PyTorch side).')
@@ -158,8 +166,8 @@ else:
                                     f'of {MARK_EVERY}), after {CAL_WARMUP} warm-up steps.')
   _TORCH_WORKERS = flags.DEFINE_integer('torch_workers', 2, 'DataLoader workers (PyTorch side).')
   _TORCH_BF16 = flags.DEFINE_bool('torch_bf16', False, 'PyTorch side under CPU bf16 autocast.')
-  _SIDES = flags.DEFINE_list('sides', ['ours', 'torch'], "Sides to run: 'ours', 'torch' or both "
-                             '(one side alone: its figure at the budget, no comparison).')
+  _SIDES = flags.DEFINE_list('sides', ['ours', 'torch'], "Sides to run: any of 'ours', 'torch', "
+                             "'resnet' (one side alone: its figure at the budget, no comparison).")
   _WORKDIR = flags.DEFINE_string('workdir', '', 'Directory for the runs (default: a new /tmp '
                                  'directory); must not hold runs of the same budgets already.')
   _QUICK = flags.DEFINE_bool('quick', False, 'A smoke answer (1 minute per side, 10 calibration '
@@ -450,11 +458,14 @@ def ours_config(config, total, *, calibration):
 
 # ----------------------------------------------------------------------------- runs
 
+OUR_TRAINER = ('ours', 'resnet')    # sides trained by lejepa_jax (each with its own config)
+
+
 def _launch(side, run_dir, config, total, *, calibration, features):
   """Runs one side's child for `total` steps in run_dir; returns its result with wall_s."""
   run_dir.mkdir(parents=True)
   spec = {'features': features, 'max_probe_examples': _MAX_PROBE.value}
-  if side == 'ours':
+  if side in OUR_TRAINER:
     run_config.save(run_dir, ours_config(config, total, calibration=calibration))
     cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), f'--ours_child={run_dir}']
   else:
@@ -483,7 +494,7 @@ def _launch(side, run_dir, config, total, *, calibration, features):
 
 def _step_seconds(side, run_dir, result):
   """Per-step seconds of each MARK_EVERY-step interval that starts after the warm-up."""
-  if side == 'ours':
+  if side in OUR_TRAINER:
     lines = [json.loads(l) for l in (run_dir / 'metrics.jsonl').read_text().splitlines()]
     return [l['train/step_seconds'] for l in lines
             if 'train/step_seconds' in l and l['step'] - MARK_EVERY >= CAL_WARMUP]
@@ -522,9 +533,10 @@ def main(argv):
   config = _CONFIG.value
   if config.data.name != 'fashion_mnist':
     raise SystemExit(f'data.name={config.data.name!r}: the PyTorch side reads Fashion-MNIST only')
-  sides = tuple(s for s in ('ours', 'torch') if s in _SIDES.value)
-  if not sides or set(_SIDES.value) - {'ours', 'torch'}:
-    raise SystemExit(f'--sides={",".join(_SIDES.value)}: ours, torch or both')
+  sides = tuple(s for s in ('ours', 'torch', 'resnet') if s in _SIDES.value)
+  if not sides or set(_SIDES.value) - {'ours', 'torch', 'resnet'}:
+    raise SystemExit(f'--sides={",".join(_SIDES.value)}: any of ours, torch, resnet')
+  configs = {'ours': config, 'torch': config, 'resnet': _RESNET_CONFIG.value}
   if 'torch' in sides and not pathlib.Path(_TORCH_PYTHON.value).exists():
     raise SystemExit(f'--torch_python={_TORCH_PYTHON.value} does not exist: make a venv with '
                      '`pip install torch torchvision` and pass its python')
@@ -542,8 +554,9 @@ def main(argv):
                      'pass a new --workdir and distinct budgets')
   print(f'machine: {machine_lib.cpu()}; runs in {root}', flush=True)
 
-  cal = {side: calibrate(side, root, config) for side in sides}
-  batch = {'ours': config.batch_size, 'torch': RECIPE['batch_size']}
+  cal = {side: calibrate(side, root, configs[side]) for side in sides}
+  batch = {'ours': config.batch_size, 'torch': RECIPE['batch_size'],
+           'resnet': configs['resnet'].batch_size}
   print(f'calibration ({CAL_WARMUP} warm-up steps, then s/step = median over {MARK_EVERY}-step '
         'intervals; startup = wall - steps x s/step):', flush=True)
   for side, (sec, startup, versions) in cal.items():
@@ -559,12 +572,12 @@ def main(argv):
       if total < 2:
         raise SystemExit(f'--minutes={minutes:g} leaves {side} {total} steps: raise the budget')
       run_dir = root / f'{minutes:g}min_{side}'
-      result = _launch(side, run_dir, config, total, calibration=False, features=True)
+      result = _launch(side, run_dir, configs[side], total, calibration=False, features=True)
       over = '  OVER BUDGET' if result['wall_s'] > 60 * minutes else ''
       print(f'{minutes:g} min, {side}: {total} steps in {result["wall_s"] / 60:.2f} min{over} '
             f'({run_dir})', flush=True)
       # Probed at once (nothing trains meanwhile), so an interrupted run keeps its figures.
-      top1, lr, n_train, n_test = probe(run_dir / 'features.npz', config, mesh)
+      top1, lr, n_train, n_test = probe(run_dir / 'features.npz', configs[side], mesh)
       images = result['steps'] * result['batch_size']
       rows.append(f'| {minutes:g} | {side} | {result["steps"]} | {images:,} | '
                   f'{result["wall_s"] / 60:.2f} | {images / result["wall_s"]:.0f} | {lr:g} | '

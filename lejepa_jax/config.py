@@ -26,6 +26,7 @@ from lejepa_jax.data import host_resources
 from lejepa_jax.data import sources
 from lejepa_jax.config_schema import resolve
 from lejepa_jax.evaluators import suite
+from lejepa_jax.models import resnet
 
 __all__ = ['ConfigError', 'check_data', 'check_divisible', 'crop_problems', 'prepare', 'resolve',
            'total_steps', 'validate']
@@ -38,7 +39,27 @@ class ConfigError(ValueError):
   it as one line and exits with status 2)."""
 
 
+# ViT-only model keys and the value a ResNet config must leave them at.
+VIT_ONLY_KEYS = {'patch_size': 0, 'depth': 0, 'mlp_dim': 0, 'num_heads': 0, 'num_registers': 0,
+                 'drop_path_rate': 0.0, 'remat': 'none', 'attention': ''}
+
+
+def resnet_problems(config) -> list[str]:
+  """ViT keys set in a ResNet config (they would be ignored silently), a bad stem."""
+  m = config.model
+  out = [f'model.{key}={m[key]!r} applies to ViTs only: set --config.model.{key}={default!r} '
+         f'for {m.variant}' for key, default in VIT_ONLY_KEYS.items() if m[key] != default]
+  if m.stem not in resnet.STEMS:
+    out.append(f'model.stem={m.stem!r}: one of {resnet.STEMS}')
+  if m.conv not in resnet.CONVS:
+    out.append(f'model.conv={m.conv!r}: one of {resnet.CONVS}')
+  return out
+
+
 def crop_problems(config) -> list[str]:
+  """ViTs: crop sizes the patches tile; ResNets: ViT keys left set."""
+  if resnet.is_resnet(config.model.variant):
+    return resnet_problems(config)
   d, patch = config.data, config.model.patch_size
   out = []
   if patch < 1:

@@ -86,8 +86,9 @@ KEYS: dict[str, Key] = {
     'data.std': Key(REQUIRED, 'per-channel standard deviation on a [0, 1] scale'),
     'data.num_global_views': Key(REQUIRED, 'global crops per image (>= 1)'),
     'data.num_local_views': Key(REQUIRED, 'local crops per image (>= 0)'),
-    'data.global_size': Key(REQUIRED, 'global crop side in pixels; a multiple of model.patch_size'),
-    'data.local_size': Key(REQUIRED, 'local crop side; a multiple of model.patch_size'),
+    'data.global_size': Key(REQUIRED, 'global crop side in pixels; ViTs: a multiple of '
+                                      'model.patch_size'),
+    'data.local_size': Key(REQUIRED, 'local crop side; ViTs: a multiple of model.patch_size'),
     'data.global_scale': Key(REQUIRED, '(min, max) area fraction of global crops'),
     'data.local_scale': Key(REQUIRED, '(min, max) area fraction of local crops'),
     'data.eval_crop_fraction': Key(1.0, 'centre-crop fraction at evaluation'),
@@ -110,9 +111,16 @@ KEYS: dict[str, Key] = {
     'data.augment.blur_sigma': Key(REQUIRED, '(min, max) blur sigma in output pixels'),
     'data.augment.solarize_prob': Key(REQUIRED, 'solarize probability'),
     # model
-    'model.variant': Key(REQUIRED, 'a row of the ViT table in lejepa_jax/models/vit.py'),
-    'model.patch_size': Key(REQUIRED, 'patch side in pixels'),
-    'model.width': Key(0, 'overrides the variant (0: the variant)'),
+    'model.variant': Key(REQUIRED, 'a row of the ViT table in lejepa_jax/models/vit.py, or '
+                         "'resnet18', 'resnet34', 'resnet50' (lejepa_jax/models/resnet.py)"),
+    'model.patch_size': Key(0, 'ViT patch side in pixels (required for ViTs; ResNets: 0)'),
+    'model.stem': Key('imagenet', "ResNets: 'imagenet' (7x7 stride-2 conv + max pool) or "
+                      "'cifar' (3x3 stride-1 conv, no pool: for images of about 32 px)"),
+    'model.conv': Key('xla', "ResNets: 'xla' (XLA's convolution) or 'matmul' (one matmul per "
+                      'kernel tap: the same function, 2-10x faster on XLA:CPU; '
+                      'lejepa_jax/models/conv.py)'),
+    'model.width': Key(0, 'overrides the variant (0: the variant); ResNets: the first '
+                      "stage's channels (64)"),
     'model.depth': Key(0, 'overrides the variant (0: the variant)'),
     'model.mlp_dim': Key(0, 'overrides the variant (0: the variant)'),
     'model.num_heads': Key(0, 'overrides the variant (0: the variant)'),

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from lejepa_jax import config_schema
+from lejepa_jax import models
 from lejepa_jax import sharding as sharding_lib
 from lejepa_jax import sigreg as sigreg_lib
 from lejepa_jax.data import sources
@@ -134,7 +135,8 @@ def make_fn(model, mesh, *, num_slices: int = 256, t_max: float = 3.0, num_point
 def max_ranks(model, num_images: int) -> dict:
   """{'emb': min(N, D), 'proj': min(N, K)}: the largest RankMe each can reach (the `dims`
   of `collapse_warning`)."""
-  return {'emb': min(num_images, model.encoder.width),
+  dims = models.feature_dims(model)
+  return {'emb': min(num_images, dims.get('head', dims['embedding'])),   # the projector's input
           'proj': min(num_images, model.projector_out)}
 
 

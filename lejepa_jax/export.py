@@ -151,6 +151,10 @@ def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool =
   except (ValueError, KeyError, AttributeError) as e:
     raise ExportError(f'{workdir}/config.json does not describe a model this version of '
                       f'lejepa_jax builds ({cli.describe_error(e)})') from None
+  if not hasattr(programs.model.encoder, 'patch_size'):
+    raise ExportError(f'{workdir} trained a {config.model.variant}: export writes ViT encoders '
+                      'only so far; evaluate the run in place (python -m lejepa_jax.evaluate '
+                      '--workdir=...) or read its checkpoint with lejepa_jax.checkpoint')
   try:
     state, step = ckpt_lib.restore_state(workdir, programs.abstract_state, step)
   except FileNotFoundError as e:

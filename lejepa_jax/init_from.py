@@ -5,7 +5,10 @@
   torch.save, which needs torch): `timm_format.from_timm_state_dict` renames it; timm's
   position embedding of the CLS token is folded into the CLS token. The config must describe
   the same architecture (width, depth, heads, mlp, patch, registers, GELU: timm's default is
-  model.gelu='exact').
+  model.gelu='exact'), or
+- for a ResNet config (model.variant resnet18/34/50), a timm or torchvision ResNet state dict
+  file: its weights and BatchNorm running statistics (`timm_format.resnet_from_timm_state_dict`);
+  a 1000-class classifier ('fc') is skipped unless the config has a head of that shape.
 
 The encoder's weights are taken from it (the projector and the online probe start as usual);
 a checkpoint in the workdir, when there is one, wins (a resumed run continues from its own
@@ -40,7 +43,8 @@ def _is_timm_file(path) -> bool:
   return p.suffix in TIMM_SUFFIXES and not p.is_dir()
 
 
-def _timm_weights(path, expected: dict[str, tuple]) -> dict[str, np.ndarray]:
+def _state_dict(path) -> dict[str, np.ndarray]:
+  """A state dict file (.safetensors, or a torch file) as float32 numpy arrays."""
   from etils import epath
   p = epath.Path(path)
   if not p.exists():
@@ -58,7 +62,35 @@ def _timm_weights(path, expected: dict[str, tuple]) -> dict[str, np.ndarray]:
       state = torch.load(f, map_location='cpu', weights_only=True)
     state = state.get('state_dict', state.get('model', state))
     state = {k: v.float().numpy() for k, v in state.items() if hasattr(v, 'numpy')}
-  return timm_format.from_timm_state_dict(state, expected)
+  return state
+
+
+def _timm_weights(path, expected: dict[str, tuple]) -> dict[str, np.ndarray]:
+  if _is_resnet(expected):
+    flat = timm_format.resnet_from_timm_state_dict(_state_dict(path))
+    return {k: v for k, v in flat.items()            # an ImageNet classifier we do not have
+            if k in expected or not k.startswith('params/encoder/fc/')}
+  return timm_format.from_timm_state_dict(_state_dict(path), expected)
+
+
+def _is_resnet(expected: dict) -> bool:
+  return any(k.startswith('params/') for k in expected)
+
+
+def expected_shapes(config, abstract_encoder_params) -> dict[str, tuple]:
+  """The names and shapes init_from must fill. ViTs: 'encoder/...' (encoder.flat_shapes).
+  ResNets: 'params/encoder/...' and their BatchNorms' 'batch_stats/encoder/.../mean|var'
+  (the shape of the BatchNorm's scale)."""
+  from lejepa_jax.models import resnet
+  flat = encoder_lib.flat_shapes(abstract_encoder_params, config.model.depth)
+  if not resnet.is_resnet(config.model.variant):
+    return flat
+  out = {'params/' + k: v for k, v in flat.items()}
+  for k, v in flat.items():
+    if k.endswith('/scale'):
+      stats = 'batch_stats/' + k[:-len('scale')]
+      out[stats + 'mean'] = out[stats + 'var'] = v
+  return out
 
 
 def weight_shapes(path, expected: dict[str, tuple]) -> dict[str, tuple]:
@@ -80,7 +112,10 @@ def weight_shapes(path, expected: dict[str, tuple]) -> dict[str, tuple]:
 def check(config, abstract_encoder_params) -> None:
   """Raises ConfigError (unreadable file or mismatching weights) before the run writes."""
   path = config.init_from
-  expected = encoder_lib.flat_shapes(abstract_encoder_params, config.model.depth)
+  expected = expected_shapes(config, abstract_encoder_params)
+  if _is_resnet(expected) and not _is_timm_file(path):
+    raise ConfigError(f'init_from={path!r}: a ResNet starts from a timm or torchvision ResNet '
+                      f'state dict file ({", ".join(TIMM_SUFFIXES)}); exports hold ViTs')
   try:
     found = weight_shapes(path, expected)
   except (FileNotFoundError, ValueError, OSError) as e:
@@ -97,6 +132,8 @@ def check(config, abstract_encoder_params) -> None:
 def apply(state, path, depth: int, scan: bool):
   """`state` with the encoder weights at `path` (on the state's shardings)."""
   import jax
+  if 'bn1' in state.batch_stats.get('encoder', {}):          # a ResNet
+    return _apply_resnet(state, path)
   if _is_timm_file(path):
     flat = _timm_weights(path, encoder_lib.flat_shapes(state.params['encoder'], depth))
   else:
@@ -112,3 +149,21 @@ def apply(state, path, depth: int, scan: bool):
   params = dict(state.params)
   params['encoder'] = jax.tree_util.tree_map_with_path(put, state.params['encoder'])
   return state.replace(params=params)
+
+
+def _apply_resnet(state, path):
+  """`state` with a ResNet state dict's weights and running statistics."""
+  import jax
+  flat = timm_format.resnet_from_timm_state_dict(_state_dict(path))
+
+  def put(prefix):
+    def one(key_path, like):
+      value = np.asarray(flat[prefix + '/'.join(str(getattr(k, 'key', k)) for k in key_path)],
+                         like.dtype)
+      return jax.make_array_from_callback(value.shape, like.sharding, lambda index: value[index])
+    return one
+  params, batch_stats = dict(state.params), dict(state.batch_stats)
+  params['encoder'] = jax.tree_util.tree_map_with_path(put('params/encoder/'), params['encoder'])
+  batch_stats['encoder'] = jax.tree_util.tree_map_with_path(put('batch_stats/encoder/'),
+                                                            batch_stats['encoder'])
+  return state.replace(params=params, batch_stats=batch_stats)

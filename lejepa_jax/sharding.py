@@ -1,7 +1,7 @@
 """Device mesh, logical-axis rules and batch sharding.
 
 The mesh has three axes: 'data' (pure data parallel), 'fsdp' (data parallel
-with parameters sharded along 'embed') and 'tensor' (Megatron-style model
+with parameters sharded along 'embed', a ResNet's along 'conv_out') and 'tensor' (Megatron-style model
 parallel on 'mlp' and 'heads'). The batch is split over ('data', 'fsdp').
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ BATCH_AXES = ('data', 'fsdp')
 DEFAULT_RULES = (
     ('batch', BATCH_AXES),
     ('embed', 'fsdp'),
+    ('conv_out', 'fsdp'),          # ResNets: output channels of convolutions and BatchNorms
     ('mlp', 'tensor'),
     ('heads', 'tensor'),
     ('kv', None),

@@ -98,8 +98,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, config):
   num_global = config.data.num_global_views
 
   # Stochastic depth's masks: a stream of its own (the SIGReg slices keep `key` itself).
-  rngs = ({'drop_path': jax.random.fold_in(key, 1)} if model.encoder.drop_path_rate > 0
-          else None)
+  rngs = ({'drop_path': jax.random.fold_in(key, 1)}
+          if getattr(model.encoder, 'drop_path_rate', 0) > 0 else None)
 
   def loss_fn(params):
     out, mutated = model.apply({'params': params, 'batch_stats': state.batch_stats},

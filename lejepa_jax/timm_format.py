@@ -185,3 +185,39 @@ def from_timm_state_dict(state: dict, expected: dict[str, tuple]) -> dict[str, n
     else:
       out[f'timm:{key}'] = value              # not ours: reported as unexpected
   return out
+
+
+# ----------------------------------------------------------------------------- ResNets
+# timm's / torchvision's ResNet state dict -> ours (models/resnet.py): the same module names,
+# 'layer2.0.downsample.1' written 'layer2_0/downsample_1'; BatchNorm running statistics are
+# variables of flax's 'batch_stats' collection, not parameters.
+_RESNET_LEAVES = {'weight': ('params', 'kernel'), 'bias': ('params', 'bias'),
+                  'running_mean': ('batch_stats', 'mean'), 'running_var': ('batch_stats', 'var')}
+
+
+def resnet_from_timm_state_dict(state: dict) -> dict[str, np.ndarray]:
+  """{'params/encoder/conv1/kernel': HWIO array, 'batch_stats/encoder/bn1/mean': ..., ...}
+  from a timm or torchvision ResNet state dict (float32; conv kernels OIHW -> HWIO, the
+  classifier 'fc' (O, I) -> (I, O); BatchNorm 'weight' -> 'scale'). num_batches_tracked is
+  dropped (flax keeps no counter)."""
+  out = {}
+  for key, value in state.items():
+    value = np.asarray(value, np.float32)
+    *path, leaf = key.split('.')
+    if leaf == 'num_batches_tracked':
+      continue
+    names = []
+    for part in path:
+      if part.isdigit() and names:
+        names[-1] += f'_{part}'         # layer2.0 -> layer2_0, downsample.1 -> downsample_1
+      else:
+        names.append(part)
+    collection, name = _RESNET_LEAVES.get(leaf, ('params', leaf))
+    if leaf == 'weight' and value.ndim == 4:
+      value = value.transpose(2, 3, 1, 0)
+    elif leaf == 'weight' and value.ndim == 2:
+      value = value.T
+    elif leaf == 'weight':
+      name = 'scale'                    # BatchNorm's weight
+    out['/'.join([collection, 'encoder', *names, name])] = np.ascontiguousarray(value)
+  return out

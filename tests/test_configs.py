@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import fmnist, imagenette_vits8, vith14, vitl14, vitg
+from configs import fmnist, fmnist_resnet, imagenette_resnet18, imagenette_vits8, vith14, vitl14, vitg
 from lejepa_jax import config_schema, models, train
 
 REQUIRED = ('seed', 'batch_size', 'lamb', 'sigreg.num_slices', 'sigreg.t_max',
@@ -23,7 +23,8 @@ REQUIRED = ('seed', 'batch_size', 'lamb', 'sigreg.num_slices', 'sigreg.t_max',
 @pytest.mark.parametrize('module,arg', [
     (fmnist, None), (fmnist, 'runlocal'), (vitg, None), (vitg, 'runlocal'), (vitg, 'epochs=300'),
     (vith14, None), (vith14, 'runlocal'), (vitl14, None), (vitl14, 'runlocal'),
-    (imagenette_vits8, None), (imagenette_vits8, 'runlocal')])
+    (imagenette_vits8, None), (imagenette_vits8, 'runlocal'), (fmnist_resnet, None),
+    (fmnist_resnet, 'runlocal'), (imagenette_resnet18, None), (imagenette_resnet18, 'runlocal')])
 def test_required_keys_and_validation(module, arg):
   c = module.get_config(arg)
   for key in REQUIRED:

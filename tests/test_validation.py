@@ -251,7 +251,7 @@ def test_unknown_and_missing_keys_of_a_config_dict():
 
 def _without_optional_keys(config):
   """`config` with every key that has a default removed (sections left empty), but the
-  step count (one of total_steps and epochs must be given)."""
+  step count (one of total_steps and epochs must be given) and a ViT's patch size."""
   c = config.copy_and_resolve_references()
   with c.unlocked():
     for key, spec in config_schema.KEYS.items():
@@ -262,7 +262,7 @@ def _without_optional_keys(config):
         if node is None:
           break
       if (not spec.required and node is not None and leaf in node
-          and key not in ('total_steps', 'epochs')):
+          and key not in ('total_steps', 'epochs', 'model.patch_size')):
         del node[leaf]
   return c
 
@@ -315,7 +315,9 @@ DEFAULTS_OF_EARLIER_VERSIONS = {
     'diagnostics.min_proj_var': 0.1, 'diagnostics.plots': True,
     'evals': {'linear_probe': {'type': 'linear_probe'}, 'knn': {'type': 'knn'}},
     # added since, each defaulting to the behaviour before it:
-    'data.labels': 'auto', 'init_from': '',
+    'data.labels': 'auto', 'init_from': '', 'model.stem': 'imagenet', 'model.conv': 'xla',
+    # required until ResNets came (every earlier config set it); 0 now means "no patches"
+    'model.patch_size': 0,
 }
 
 

@@ -1,4 +1,5 @@
-"""The LeJEPA model: ViT encoder + projector + online probe, and every output read from it.
+"""The LeJEPA model: encoder (ViT or ResNet) + projector + online probe, and every output read
+from it.
 
 The model owns its outputs: the projector's input (`embedding`), the projections the loss
 sees, and the frozen-evaluation features of each kind (FEATURE_KINDS) with their widths
@@ -11,14 +12,17 @@ import jax
 import jax.numpy as jnp
 
 from lejepa_jax import config_schema
+from lejepa_jax.models import resnet
 from lejepa_jax.models.heads import LinearProbe, Projector
+from lejepa_jax.models.resnet import ResNet, ResNetConfig
 from lejepa_jax.models.vit import ViT, ViTConfig, vit_config
 
 # Feature kinds the frozen evaluators can read (eval.features, or an evaluator's `features`).
 FEATURE_KINDS = {
     'probe': 'CLS tokens of the last two blocks, concatenated, before the final LayerNorm (the '
-             "paper's linear-probe features)",
-    'embedding': "the final-LayerNorm CLS token (DINO's k-NN features; timm's pooled output)",
+             "paper's linear-probe features); ResNets: the pooled features",
+    'embedding': "the final-LayerNorm CLS token (DINO's k-NN features; timm's pooled output); "
+                 'ResNets: the pooled features',
     'head': 'the linear head on the final CLS (model.embedding_dim > 0; the projector input)',
     'projection': 'the projector output (BatchNorm with its running statistics)',
 }
@@ -40,7 +44,7 @@ def embedding(encoder_out: dict) -> jax.Array:
 
 class LeJEPAModel(nn.Module):
   """Encoder + projector + online linear probe (on stop-gradient features)."""
-  encoder: ViTConfig
+  encoder: ViTConfig | ResNetConfig
   projector_hidden: tuple[int, ...]
   projector_out: int
   num_classes: int
@@ -48,7 +52,8 @@ class LeJEPAModel(nn.Module):
   projector_activation: str = 'gelu'
 
   def setup(self):
-    self.vit = ViT(self.encoder, name='encoder')
+    module = ResNet if isinstance(self.encoder, ResNetConfig) else ViT
+    self.net = module(self.encoder, name='encoder')
     self.projector = Projector(self.projector_hidden, self.projector_out,
                                activation=self.projector_activation, name='projector')
     self.probe = LinearProbe(self.num_classes, name='probe')
@@ -65,7 +70,8 @@ class LeJEPAModel(nn.Module):
     views = [global_views]
     if local_views is not None and local_views.shape[1]:
       views.append(local_views)
-    enc = self.vit(views, train=train)      # stochastic depth in training only
+    # ViT: stochastic depth in training only; ResNet: BatchNorm on this batch's statistics.
+    enc = self.net(views, train=train)
     emb = embedding(enc)                                            # (B, V, D), global first
     probe_input = emb if self.online_probe_input == 'embedding' else enc['probe_features']
     features = jax.lax.stop_gradient(probe_input[:, :vg]).reshape(b * vg, -1)
@@ -79,7 +85,7 @@ class LeJEPAModel(nn.Module):
   def features(self, images: jax.Array, kinds: tuple = ('probe',)) -> jax.Array:
     """Frozen-evaluation features of images (B, H, W, C): the FEATURE_KINDS `kinds`,
     concatenated in that order, from one encoder pass (deterministic: no drop path)."""
-    enc = self.vit(images)
+    enc = self.net(images)
     parts = {'probe': lambda: enc['probe_features'], 'embedding': lambda: enc['cls'],
              'head': lambda: enc['head'],
              'projection': lambda: self.projector(embedding(enc), train=False)}
@@ -89,14 +95,17 @@ class LeJEPAModel(nn.Module):
   def embed_and_project(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(projector input (B, D), projector output (B, K)) with train-mode BatchNorm (the
     statistics of this batch, as in the loss); apply with mutable=['batch_stats']."""
-    emb = embedding(self.vit(images))
+    emb = embedding(self.net(images))
     return emb, self.projector(emb, train=True)
 
 
 def feature_dims(model: LeJEPAModel) -> dict[str, int]:
   """Width of each feature kind of `model`."""
   enc = model.encoder
-  dims = {'probe': 2 * enc.width, 'embedding': enc.width, 'projection': model.projector_out}
+  if isinstance(enc, ResNetConfig):
+    dims = {'probe': enc.features, 'embedding': enc.features, 'projection': model.projector_out}
+  else:
+    dims = {'probe': 2 * enc.width, 'embedding': enc.width, 'projection': model.projector_out}
   if enc.head_dim:
     dims['head'] = enc.head_dim
   return dims
@@ -105,13 +114,12 @@ def feature_dims(model: LeJEPAModel) -> dict[str, int]:
 def build_model(config) -> LeJEPAModel:
   config = config_schema.resolve(config)
   m = config.model
-  # width/depth/mlp_dim/num_heads override the variant table when set (> 0).
-  sizes = {k: m[k] or None for k in ('width', 'depth', 'mlp_dim', 'num_heads')}
-  enc = vit_config(m.variant, patch_size=m.patch_size, image_size=config.data.global_size,
-                   **sizes, num_registers=m.num_registers, remat=m.remat, scan=m.scan,
-                   attention=m.attention or None, cls_only_last=m.cls_only_last,
-                   drop_path_rate=float(m.drop_path_rate), gelu=m.gelu,
-                   head_dim=int(m.embedding_dim), dtype=jnp.dtype(m.dtype))
+  if resnet.is_resnet(m.variant):
+    enc = resnet.resnet_config(m.variant, width=m.width, stem=m.stem, dtype=jnp.dtype(m.dtype),
+                               head_dim=int(m.embedding_dim),
+                               conv=m.conv)
+  else:
+    enc = _vit(config)
   probe_input = m.online_probe_input
   if probe_input not in ONLINE_PROBE_INPUTS:
     raise ValueError(f'model.online_probe_input must be one of {sorted(ONLINE_PROBE_INPUTS)}, '
@@ -125,3 +133,12 @@ def build_model(config) -> LeJEPAModel:
                      online_probe_input=probe_input, projector_activation=activation)
 
 
+def _vit(config) -> ViTConfig:
+  m = config.model
+  # width/depth/mlp_dim/num_heads override the variant table when set (> 0).
+  sizes = {k: m[k] or None for k in ('width', 'depth', 'mlp_dim', 'num_heads')}
+  return vit_config(m.variant, patch_size=m.patch_size, image_size=config.data.global_size,
+                    **sizes, num_registers=m.num_registers, remat=m.remat, scan=m.scan,
+                    attention=m.attention or None, cls_only_last=m.cls_only_last,
+                    drop_path_rate=float(m.drop_path_rate), gelu=m.gelu,
+                    head_dim=int(m.embedding_dim), dtype=jnp.dtype(m.dtype))

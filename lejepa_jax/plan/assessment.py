@@ -15,9 +15,15 @@ from lejepa_jax.plan.topologies import GiB, RECOMPUTE_ORDER
 
 
 
-def model_flops(config, encoder, params: int) -> tuple[float, int]:
-  """(analytic flops of one train step, tokens per image); see the module docstring."""
+def model_flops(config, encoder, params: int) -> tuple[float, int | None]:
+  """(analytic flops of one train step, tokens per image); see the module docstring.
+  ResNets: 3 x the forward convolutions' flops of every view (no tokens: None)."""
   d = config.data
+  if not hasattr(encoder, 'patch_size'):
+    from lejepa_jax.models import resnet
+    per_image = 3 * (d.num_global_views * resnet.forward_flops(encoder, d.global_size, d.channels)
+                     + d.num_local_views * resnet.forward_flops(encoder, d.local_size, d.channels))
+    return float(config.batch_size * per_image), None
   seqs = ([(d.global_size // encoder.patch_size) ** 2 + 1 + encoder.num_registers]
           * d.num_global_views +
           [(d.local_size // encoder.patch_size) ** 2 + 1 + encoder.num_registers]
@@ -334,10 +340,14 @@ def exact_flops(config, *, total_steps: int, depth: int, names=('train_step', 'f
   import jax
   from lejepa_jax import sharding as sharding_lib
   from lejepa_jax import steps
+  from lejepa_jax.models import resnet
   config = config_schema.resolve(config)
   counts = {}
-  for d in (1, 2):
-    c = with_overrides(config, depth=d, scan=False, mesh={'data': 1, 'fsdp': 1, 'tensor': 1})
+  # A ResNet has no loops: its program is counted as it is.
+  depths = (None,) if resnet.is_resnet(config.model.variant) else (1, 2)
+  for d in depths:
+    c = with_overrides(config, depth=d, scan=False if d else None,
+                       mesh={'data': 1, 'fsdp': 1, 'tensor': 1})
     with c.unlocked():   # count what the run executes: scanned blocks compute every token
       c.model.cls_only_last = bool(config.model.cls_only_last) and not config.model.scan
     mesh = sharding_lib.make_mesh(c.mesh, devices=jax.devices('cpu')[:1])
@@ -352,6 +362,8 @@ def exact_flops(config, *, total_steps: int, depth: int, names=('train_step', 'f
         cost = fn.lower(*args).cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         counts[name, d] = float(cost['flops'])
+  if depths == (None,):
+    return {name: counts[name, None] for name in names}
   return {name: counts[name, 1] + (depth - 1) * (counts[name, 2] - counts[name, 1])
           for name in names}
 
@@ -360,11 +372,18 @@ def exact_flops(config, *, total_steps: int, depth: int, names=('train_step', 'f
 
 
 def mesh_candidates(config, encoder, chips: int, batch: int) -> list[dict]:
-  """fsdp x tensor = chips splits that divide width, heads, mlp and the batch, tensor ascending."""
+  """fsdp x tensor = chips splits that divide width, heads, mlp and the batch, tensor ascending
+  (ResNets: fsdp only, dividing the first stage's channels)."""
   out = []
   for t in range(1, chips + 1):
     f = chips // t
-    if chips % t or encoder.num_heads % t or encoder.mlp_dim % t:
+    if chips % t:
+      continue
+    if not hasattr(encoder, 'num_heads'):             # a ResNet: no tensor parallelism
+      if t == 1 and encoder.width % f == 0 and batch % f == 0 and config.eval.batch_size % f == 0:
+        out.append({'data': 1, 'fsdp': f, 'tensor': 1})
+      continue
+    if encoder.num_heads % t or encoder.mlp_dim % t:
       continue
     if encoder.width % f or batch % f or config.eval.batch_size % f:
       continue

@@ -32,6 +32,8 @@ def search(config, devices, base: Assessment, *, total_steps: int, usable: int,
   chips = len(devices)
   base_mesh = dict(base.mesh)
   policies = [p for p in RECOMPUTE_ORDER if p in _remat_policies()]
+  if not hasattr(base.encoder, 'num_heads'):      # a ResNet: no remat policies (yet)
+    policies = ['none']
   if base.kind != 'sharding':
     cache[(config.batch_size, tuple(base_mesh.items()), base.remat)] = base
     if base.state_bytes > usable:

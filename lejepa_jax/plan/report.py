@@ -60,7 +60,7 @@ def plan(config, topology: Topology, devices, *, search_: bool = False, hbm_byte
   chips = topology.chips
   flops_step = None
   if with_exact_flops:
-    exact = exact_flops(config, total_steps=steps_total, depth=a.encoder.depth)
+    exact = exact_flops(config, total_steps=steps_total, depth=getattr(a.encoder, 'depth', 0))
     flops_step = exact['train_step']
     for name in ('train_step', 'features'):
       if name in a.functions:
@@ -96,7 +96,7 @@ def plan(config, topology: Topology, devices, *, search_: bool = False, hbm_byte
     if found['flags'] and with_exact_flops:   # remat and batch change the flops and hours
       chosen = with_overrides(config, remat=found['remat'], mesh=found['mesh'],
                               batch_size=found['batch_size'])
-      f = exact_flops(chosen, total_steps=steps_total, depth=a.encoder.depth,
+      f = exact_flops(chosen, total_steps=steps_total, depth=getattr(a.encoder, 'depth', 0),
                       names=('train_step',))['train_step']
       steps_chosen = config_lib.total_steps(chosen, n_train) if n_train else steps_total
       secs = steps_chosen * f / (chips * topology.chip.peak_flops)

@@ -118,7 +118,9 @@ def _reduced(config, depth: int):
   """The config at `depth` blocks (same width, heads, dtype, remat, mesh): it fits a smaller
   mesh, and the sharded code paths are the same."""
   c = ml_collections.ConfigDict(config.to_dict())
-  from lejepa_jax.models import vit
+  from lejepa_jax.models import resnet, vit
+  if resnet.is_resnet(c.model.variant):
+    return c               # a ResNet's depth is its variant
   full_depth = c.model.depth or vit.VARIANTS[c.model.variant][1]
   c.model.depth = min(depth, full_depth)
   return c
