@@ -108,7 +108,7 @@ def validate(config) -> None:
   if config.batch_size < 1 or config.eval.batch_size < 1:
     problems.append('batch_size and eval.batch_size must be >= 1')
   d = config.data
-  if d.name not in ('fashion_mnist', 'folder', 'arrays') and not str(d.name).startswith('tfds:'):
+  if not sources.known_name(d.name):
     problems.append(f'data.name={d.name!r}: one of {sources.NAMES}')
   if d.labels not in sources.LABELS:
     problems.append(f'data.labels={d.labels!r}: one of {sources.LABELS}')
@@ -187,8 +187,7 @@ def check_data(config, train_source, test_source) -> None:
     if not len(source):
       raise sources.MissingDataError(f'{d.name} split {split!r} under data.dir={d.dir!r} '
                                      'has no records: point data.dir at the data')
-    image = np.asarray(source[0]['image'])
-    channels = image.shape[-1] if image.ndim == 3 else 1
+    channels = sources.image_channels(source)
     if channels != d.channels:
       raise ConfigError(f'data.channels={d.channels} but the images of {d.name} split {split!r} '
                         f'have {channels} channel(s): set --config.data.channels={channels} and '

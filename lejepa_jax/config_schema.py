@@ -64,8 +64,9 @@ KEYS: dict[str, Key] = {
     'sigreg.statistic': Key('epps_pulley', 'a name in lejepa_jax.stats.STATISTICS'),
     'sigreg.options': Key({}, 'free-form dict: keyword arguments of the statistic'),
     # data
-    'init_from': Key('', 'an export (python -m lejepa_jax.export) or a timm ViT state dict '
-                     "file to start the encoder from ('': random; a workdir checkpoint wins)"),
+    'init_from': Key('', 'an export (python -m lejepa_jax.export), a training workdir (its newest '
+                     'checkpoint), or a timm ViT / ResNet state dict file to start the encoder '
+                     "from ('': random; a checkpoint in this run's workdir wins)"),
     'data.name': Key(REQUIRED, "'fashion_mnist', 'tfds:NAME', 'folder' or 'arrays' "
                      "(DIR/SPLIT.npz with images and optional labels, or DIR/SPLIT.npy)"),
     'data.labels': Key('auto', "'auto': the labels the source has (class folders, an .npz "

@@ -8,13 +8,15 @@
   model.gelu='exact'), or
 - for a ResNet config (model.variant resnet18/34/50), a timm or torchvision ResNet state dict
   file: its weights and BatchNorm running statistics (`timm_format.resnet_from_timm_state_dict`);
-  a 1000-class classifier ('fc') is skipped unless the config has a head of that shape.
+  a 1000-class classifier ('fc') is skipped unless the config has a head of that shape, or
+- a lejepa_jax training workdir (config.json and checkpoints/): the encoder of its newest
+  checkpoint (scanned or unrolled blocks either way; a ResNet's running statistics too).
 
 The encoder's weights are taken from it (the projector and the online probe start as usual);
 a checkpoint in the workdir, when there is one, wins (a resumed run continues from its own
 state). The names and shapes are checked against the run's encoder when the run starts,
 before anything is written: every missing, unexpected or differently shaped weight is listed
-in one `ConfigError`. A lejepa_jax checkpoint is not read directly: export the run first.
+in one `ConfigError`.
 """
 from __future__ import annotations
 
@@ -93,12 +95,69 @@ def expected_shapes(config, abstract_encoder_params) -> dict[str, tuple]:
   return out
 
 
+def _is_workdir(path) -> bool:
+  """A training workdir: its config and a checkpoints directory (an export has neither)."""
+  from etils import epath
+  from lejepa_jax import checkpoint as ckpt_lib
+  from lejepa_jax import run_config
+  return ((epath.Path(path) / run_config.FILE).exists()
+          and ckpt_lib.directory(path).exists())
+
+
+def _run_programs(path, mesh):
+  """(the run's config, its programs built on `mesh`) for a training workdir."""
+  from lejepa_jax import config_schema
+  from lejepa_jax import run_config
+  from lejepa_jax import sharding as sharding_lib
+  from lejepa_jax import steps
+  config = config_schema.resolve(run_config.load(path))
+  with config.unlocked():
+    config.mesh = dict(zip(sharding_lib.MESH_AXES, mesh.devices.shape))
+  return config, steps.build(config, mesh, max(1, int(config.total_steps)))
+
+
+def _workdir_weights(path, mesh=None) -> dict:
+  """The encoder of the newest checkpoint of a training workdir, flat: ViTs 'encoder/...',
+  ResNets 'params/encoder/...' and 'batch_stats/encoder/...' (numpy arrays on every host);
+  with mesh None, only their shapes (from the run's config; nothing is read)."""
+  import jax
+  from jax.experimental import multihost_utils
+  from lejepa_jax import checkpoint as ckpt_lib
+  from lejepa_jax import sharding as sharding_lib
+  from lejepa_jax.models import resnet
+  abstract = mesh is None
+  if abstract:
+    mesh = sharding_lib.make_mesh({'data': 1}, devices=jax.devices()[:1])
+  config, programs = _run_programs(path, mesh)
+  state = programs.abstract_state
+  if not abstract:
+    state, _ = ckpt_lib.restore_state(path, state)
+  parts = {'params/': state.params['encoder']}
+  if resnet.is_resnet(config.model.variant):
+    parts['batch_stats/'] = state.batch_stats['encoder']
+  else:
+    parts = {'': parts['params/']}
+  depth = getattr(programs.model.encoder, 'depth', 0)
+  out = {}
+  for prefix, tree in parts.items():
+    if abstract:
+      flat = encoder_lib.flat_shapes(tree, depth)
+    else:
+      tree = jax.tree.map(lambda x: x if x.is_fully_addressable
+                          else multihost_utils.process_allgather(x, tiled=True), tree)
+      flat = encoder_lib.flat_params(jax.device_get(tree), depth)
+    out.update({prefix + k: v for k, v in flat.items()})
+  return out
+
+
 def weight_shapes(path, expected: dict[str, tuple]) -> dict[str, tuple]:
   """{'encoder/...': shape} of what `path` holds (an export: from its safetensors header)."""
   from etils import epath
   import safetensors
   if _is_timm_file(path):
     return {k: tuple(v.shape) for k, v in _timm_weights(path, expected).items()}
+  if _is_workdir(path):
+    return {k: tuple(v) for k, v in _workdir_weights(path).items()}
   encoder_lib.read_config(path)        # says what is wrong when it is not an export
   file = epath.Path(path) / encoder_lib.WEIGHTS_FILE
   if not file.exists():
@@ -113,9 +172,10 @@ def check(config, abstract_encoder_params) -> None:
   """Raises ConfigError (unreadable file or mismatching weights) before the run writes."""
   path = config.init_from
   expected = expected_shapes(config, abstract_encoder_params)
-  if _is_resnet(expected) and not _is_timm_file(path):
+  if _is_resnet(expected) and not (_is_timm_file(path) or _is_workdir(path)):
     raise ConfigError(f'init_from={path!r}: a ResNet starts from a timm or torchvision ResNet '
-                      f'state dict file ({", ".join(TIMM_SUFFIXES)}); exports hold ViTs')
+                      f'state dict file ({", ".join(TIMM_SUFFIXES)}) or a lejepa_jax training '
+                      'workdir; exports hold ViTs')
   try:
     found = weight_shapes(path, expected)
   except (FileNotFoundError, ValueError, OSError) as e:
@@ -132,12 +192,16 @@ def check(config, abstract_encoder_params) -> None:
 def apply(state, path, depth: int, scan: bool):
   """`state` with the encoder weights at `path` (on the state's shardings)."""
   import jax
-  if 'bn1' in state.batch_stats.get('encoder', {}):          # a ResNet
-    return _apply_resnet(state, path)
-  if _is_timm_file(path):
+  if _is_workdir(path):
+    flat = _workdir_weights(path, jax.tree.leaves(state.params)[0].sharding.mesh)
+  elif 'bn1' in state.batch_stats.get('encoder', {}):          # a ResNet's state dict file
+    flat = timm_format.resnet_from_timm_state_dict(_state_dict(path))
+  elif _is_timm_file(path):
     flat = _timm_weights(path, encoder_lib.flat_shapes(state.params['encoder'], depth))
   else:
     flat = encoder_lib.read_weights(path)
+  if 'bn1' in state.batch_stats.get('encoder', {}):
+    return _apply_resnet(state, flat)
   loaded = encoder_lib.unflatten(flat, depth, scan)
 
   def put(key_path, like):
@@ -151,10 +215,10 @@ def apply(state, path, depth: int, scan: bool):
   return state.replace(params=params)
 
 
-def _apply_resnet(state, path):
-  """`state` with a ResNet state dict's weights and running statistics."""
+def _apply_resnet(state, flat: dict):
+  """`state` with a ResNet's weights and running statistics ('params/encoder/...',
+  'batch_stats/encoder/...')."""
   import jax
-  flat = timm_format.resnet_from_timm_state_dict(_state_dict(path))
 
   def put(prefix):
     def one(key_path, like):

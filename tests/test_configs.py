@@ -55,7 +55,7 @@ def test_vitg_is_the_paper_scale_model_and_steps_follow_epochs():
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        'configs', 'RECIPES.md')
 PAPER_CONFIGS = {'vitl14': vitl14, 'vith14': vith14, 'vitg': vitg,
-                 'imagenette_vits8': imagenette_vits8}
+                 'imagenette_vits8': imagenette_vits8, 'imagenette_resnet18': imagenette_resnet18}
 _ROW = re.compile(r'^\| `([^`]+)` \| `([^`]*)` \| (.+) \|$')
 
 

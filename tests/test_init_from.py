@@ -1,4 +1,5 @@
-"""config.init_from: a run starts its encoder from an export; mismatches stop it before it writes."""
+"""config.init_from: a run starts its encoder from an export, a training workdir or a timm
+state dict; mismatches stop it before it writes."""
 
 import os
 
@@ -58,6 +59,30 @@ def test_step_0_features_are_the_exported_encoders(export):
   for part in ('projector', 'probe'):
     for a, b in zip(jax.tree.leaves(state.params[part]), jax.tree.leaves(fresh.params[part])):
       np.testing.assert_array_equal(a, b)
+
+
+def test_a_training_workdir_gives_its_newest_checkpoints_encoder(export):
+  """init_from=WORKDIR (the run the export came from, scanned blocks) into an unrolled config:
+  step-0 features equal the export's (1e-6); the config's other architecture is refused."""
+  import lejepa_jax
+  workdir = os.path.join(os.path.dirname(export), 'run')
+  c = _config(scan=False)
+  c.init_from = workdir
+  mesh = sharding_lib.make_mesh(c.mesh)
+  programs = steps.build(c, mesh, 10)
+  init_from.check(c, programs.abstract_state.params['encoder'])
+  exported = lejepa_jax.load_encoder(export)
+  images = np.random.default_rng(2).integers(0, 256, (8, 28, 28, 1), np.uint8)
+  want = np.asarray(exported(images))
+  x = np.stack([exported.preprocess(i) for i in images])
+  with sharding_lib.activate(mesh):
+    state = init_from.apply(programs.init(np.int32(0)), workdir, c.model.depth, c.model.scan)
+    got = np.asarray(programs.features(steps.variables(state),
+                                       jax.device_put(x, sharding_lib.batch_sharding(mesh))))
+  assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+  c.model.width, c.model.num_heads = 48, 2
+  with pytest.raises(config_lib.ConfigError, match="does not fit this config's encoder"):
+    init_from.check(c, steps.build(c, mesh, 10).abstract_state.params['encoder'])
 
 
 def test_a_run_starts_from_the_export_and_a_wrong_one_exits_2(export, tmp_path):

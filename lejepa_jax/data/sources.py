@@ -50,6 +50,19 @@ from lejepa_jax import config_schema
 from lejepa_jax.data.subsets import Subset, known_labels, sample, subset_indices  # noqa: F401
 
 NAMES = "'fashion_mnist', 'tfds:NAME', 'folder' or 'arrays'"
+
+
+def known_name(name) -> bool:
+  """Whether `name` is a data.name that `open_source` reads (NAMES)."""
+  return name in ('fashion_mnist', 'folder', 'arrays') or str(name).startswith('tfds:')
+
+
+def image_channels(source) -> int | None:
+  """Channels of a source's first image (None: the source has no records)."""
+  if not len(source):
+    return None
+  image = np.asarray(source[0]['image'])
+  return image.shape[-1] if image.ndim == 3 else 1
 LABELS = ('auto', 'none')
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 VERIFY_MODES = ('auto', 'all', 'none')

@@ -46,7 +46,6 @@ import time
 from typing import Any, NamedTuple
 
 from absl import logging
-import numpy as np
 
 from lejepa_jax import config_schema
 from lejepa_jax import preemption
@@ -194,7 +193,7 @@ def problems(config) -> list[str]:
           out.append(f'evals.{name}.data.{key} cannot be set per evaluator; its keys: '
                      f'{", ".join(EVALUATOR_DATA_KEYS)}')
       source = str(data.get('name', 'fashion_mnist'))    # without a name: config.data's
-      if source not in ('fashion_mnist', 'folder', 'arrays') and not source.startswith('tfds:'):
+      if not sources.known_name(source):
         out.append(f'evals.{name}.data.name={source!r}: one of {sources.NAMES}')
   return out
 
@@ -240,12 +239,12 @@ def open_sources(config, main: dict) -> dict:
             f'evaluator {spec.name} reads {d.name} split {split!r} under {d.dir!r}, which has '
             'no labels (a .npy file, an .npz without "labels", a TFDS set without '
             f'data.label_key): give evals.{spec.name}.data a labelled set')
-      image = np.asarray(source[0]['image']) if len(source) else None
-      if image is None or (image.shape[-1] if image.ndim == 3 else 1) != d.channels:
+      channels = sources.image_channels(source)
+      if channels != d.channels:
         raise sources.BadDataError(
             f'evaluator {spec.name} reads {d.name} split {split!r} under {d.dir!r}: '
-            + ('no records' if image is None else
-               f'images of shape {image.shape}, the model takes {d.channels} channel(s)'))
+            + ('no records' if channels is None else
+               f'images of {channels} channel(s), the model takes {d.channels}'))
       out[key, split] = source
   return out
 

@@ -98,17 +98,17 @@ def forward_flops(cfg: ResNetConfig, size: int, channels: int) -> int:
   if imagenet:
     side = (side + 2 - 3) // 2 + 1            # the max pool
   for stage, blocks in enumerate(cfg.stage_sizes):
-    channels_ = cfg.width * 2 ** stage
+    planes = cfg.width * 2 ** stage
     for i in range(blocks):
       stride = 2 if stage > 0 and i == 0 else 1
       block_in = cin
       if cfg.block == 'basic':
-        conv(channels_, 3, stride)
-        conv(channels_, 3, 1)
+        conv(planes, 3, stride)
+        conv(planes, 3, 1)
       else:
-        conv(channels_, 1, 1)
-        conv(channels_, 3, stride)
-        conv(channels_ * 4, 1, 1)
+        conv(planes, 1, 1)
+        conv(planes, 3, stride)
+        conv(planes * 4, 1, 1)
       if stride != 1 or block_in != cin:      # the projection shortcut
         total += 2 * side * side * block_in * cin
   return total + 2 * cin * cfg.head_dim
