@@ -401,7 +401,7 @@ def test_resnet50_at_batch_1024_fits_a_v5p_8_compiled_by_libtpu():
   if code != 0 and 'libtpu' in err and r is None:
     pytest.skip(f'libtpu cannot load here: {err.strip().splitlines()[-1][:300]}')
   assert code == 0 and r is not None, err[-3000:]
-  assert (r['topology'], r['chips'], r['fits']) == ('v5p:2x2x1', 4, True)
+  assert (r['topology'], r['chips'], r['fits']) == ('v5p-8', 4, True)
   assert r['params'] == 23_508_032
   assert r['bytes_per_chip'] < r['hbm_bytes_per_chip']
   assert r['model_flops_per_step'] <= r['flops_per_step'] <= 1.1 * r['model_flops_per_step']
