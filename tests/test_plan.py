@@ -394,7 +394,8 @@ def test_resnet50_at_batch_1024_fits_a_v5p_8_compiled_by_libtpu():
   """The paper's CNN at the batch of its ImageNet-100 run, compiled for a v5p-8 (4 chips) with
   libtpu's compile-only devices: it fits; parameters are torchvision's ResNet-50 without the
   classifier; the exact flop count (the CPU lowering) is within 10% of 3 x the analytic
-  forward convolutions (the rest: BatchNorm, projector, SIGReg, optimizer)."""
+  forward convolutions (measured 0.95: the backward pass skips the image's gradient; BatchNorm,
+  projector, SIGReg and optimizer add little)."""
   code, r, out, err = _plan('--config=configs/imagenette_resnet18.py', '--topology=v5p-8',
                             '--config.model.variant=resnet50', '--config.batch_size=1024',
                             '--noeval', timeout=900)
@@ -404,4 +405,4 @@ def test_resnet50_at_batch_1024_fits_a_v5p_8_compiled_by_libtpu():
   assert (r['topology'], r['chips'], r['fits']) == ('v5p-8', 4, True)
   assert r['params'] == 23_508_032
   assert r['bytes_per_chip'] < r['hbm_bytes_per_chip']
-  assert r['model_flops_per_step'] <= r['flops_per_step'] <= 1.1 * r['model_flops_per_step']
+  assert 0.9 <= r['flops_per_step'] / r['model_flops_per_step'] <= 1.1
