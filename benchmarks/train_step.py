@@ -554,7 +554,7 @@ def breakdown(config, programs, state, global_batch):
 
   def encoder(params):
     out = model.apply({'params': params, 'batch_stats': stats}, views,
-                      method=lambda m, v: m.vit(v))
+                      method=lambda m, v: m.net(v))
     return jnp.sum(out['cls']) + jnp.sum(out['probe_features'])
 
   def loss_from(proj):
@@ -574,7 +574,7 @@ def breakdown(config, programs, state, global_batch):
     return loss_from(jnp.swapaxes(proj.reshape(b, v, -1), 0, 1))
 
   emb = jax.jit(lambda p: model.apply({'params': p, 'batch_stats': stats}, views,
-                                      method=lambda m, v: m.vit(v))['cls'])(state.params)
+                                      method=lambda m, v: m.net(v))['cls'])(state.params)
   proj = jax.jit(lambda p: model.apply(
       {'params': p, 'batch_stats': stats}, global_batch['global'], global_batch['local'],
       train=True, mutable=['batch_stats'])[0]['proj'])(state.params)

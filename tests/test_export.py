@@ -186,7 +186,7 @@ def test_load_encoder_in_a_fresh_process_equals_the_checkpoint_features(run, tmp
     x = jax.device_put(normalised, sharding_lib.batch_sharding(programs.mesh))
     want = np.asarray(programs.features(steps.variables(state), x))
     embedding = np.asarray(jax.jit(lambda v, x: programs.model.apply(
-        v, x, method=lambda m, x: m.vit(x)['cls']))(steps.variables(state), x))
+        v, x, method=lambda m, x: m.net(x)['cls']))(steps.variables(state), x))
 
   assert want.shape == (16, 2 * config.model.width) and int(got['dim']) == want.shape[1]
   assert np.all(np.isfinite(want)) and np.abs(want).max() > 1e-3

@@ -94,7 +94,7 @@ def test_eval_cap_keeps_every_class_in_proportion_on_any_process_count(folder):
 
 def _monitor(config):
   mesh = sharding_lib.make_mesh({'data': -1}, None)
-  model = types.SimpleNamespace(encoder=types.SimpleNamespace(width=16), projector_out=8)
+  model = types.SimpleNamespace(encoder=types.SimpleNamespace(width=16, head_dim=0), projector_out=8)
   test = sources.get_source(config.data, config.data.test_split)
   return diagnostics.Monitor(config, types.SimpleNamespace(mesh=mesh, model=model), test), test
 
