@@ -23,7 +23,7 @@ setup(
         'safetensors>=0.4',   # exported encoder weights
     ],
     extras_require={
-        'test': ['pytest>=8', 'chex>=0.1.90', 'portpicker'],
+        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'chex>=0.1.90', 'portpicker'],
         # benchmarks/sigreg.py compares against the reference algorithm in PyTorch.
         'bench': ['torch==2.13.0'],
         # tests/test_timm.py holds our ViT against timm's, the authors' ViT library. timm

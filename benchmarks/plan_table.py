@@ -1,0 +1,92 @@
+"""The pod table of docs/pod.md, measured again: `plan` for each config x slice, one at a time.
+
+  python benchmarks/plan_table.py [--rows=vitg:v5p-128,vitl14:v4-128] [--noeval]
+      [--json_out=PATH]
+
+Each row runs `python -m lejepa_jax.plan --config=configs/CONFIG.py --topology=SLICE` in its
+own process (nothing else from this script runs beside it) and prints one markdown row:
+images per chip, GiB per chip (usable), fits (or plan's reason), PFLOP per step (compiled /
+model), estimated hours (at the chip's bf16 peak / at 50% of it) and the wall time of that
+`plan` process. The first line names the CPU, since the wall times depend on it (libtpu's
+compiler; the evaluators' programs are compiled too unless --noeval). `--json_out` keeps every
+row's JSON line as plan printed it. Needs libtpu (`pip install -e '.[tpu]'`).
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import machine as machine_lib   # benchmarks/machine.py, beside this script
+
+from absl import app
+from absl import flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The rows of docs/pod.md's table: the three ViT paper configs on the slices users ask about.
+ROWS = ('vitg:v5p-128,vitg:v5p-64,vitg:v4-128,vitg:v5litepod-256,'
+        'vith14:v5p-64,vith14:v5p-32,vith14:v4-128,vith14:v5litepod-256,'
+        'vitl14:v5p-32,vitl14:v5p-16,vitl14:v4-128,vitl14:v5litepod-256')
+
+_ROWS = flags.DEFINE_string('rows', ROWS, 'Comma-separated CONFIG:SLICE pairs (configs/CONFIG.py).')
+_NOEVAL = flags.DEFINE_bool('noeval', False, "Pass --noeval: the train step's program only.")
+_JSON_OUT = flags.DEFINE_string('json_out', '', 'Append each row\'s JSON line to this file.')
+_TIMEOUT = flags.DEFINE_integer('timeout', 1800, 'Seconds before one plan run is abandoned.')
+
+GIB = 2 ** 30
+
+
+def run_plan(config: str, topology: str, noeval: bool, timeout: int) -> tuple[dict | None, float, str]:
+  """(plan's JSON report or None, wall seconds, the end of stderr) of one plan process."""
+  cmd = [sys.executable, '-m', 'lejepa_jax.plan', f'--config=configs/{config}.py',
+         f'--topology={topology}'] + (['--noeval'] if noeval else [])
+  start = time.perf_counter()
+  try:
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return None, time.perf_counter() - start, f'timed out after {timeout} s'
+  wall = time.perf_counter() - start
+  lines = [l for l in done.stdout.splitlines() if l.startswith('{')]
+  report = json.loads(lines[-1]) if done.returncode == 0 and lines else None
+  return report, wall, done.stderr.strip()[-500:]
+
+
+def markdown_row(config: str, r: dict, wall: float) -> str:
+  """One row: config | slice (chips) | images per chip | GiB (usable) | fits | PFLOP | hours | wall."""
+  usable = f'({r["usable_bytes_per_chip"] / GIB:.1f})'
+  if r.get('bytes_per_chip') is not None:
+    memory = f'{r["bytes_per_chip"] / GIB:.1f} {usable}'
+  elif r.get('train_step_bytes_per_chip'):      # RESOURCE_EXHAUSTED: what the compiler asked for
+    memory = f'>= {r["train_step_bytes_per_chip"] / GIB:.1f} {usable}'
+  else:                                         # nothing compiled (an axis that does not divide)
+    memory = f'- {usable}'
+  fits = 'yes' if r['fits'] else f'no: {r["reason"]}'
+  flops = f'{r["flops_per_step"] / 1e15:.2f} / {r["model_flops_per_step"] / 1e15:.2f}'
+  hours = r['estimated_hours']
+  return (f'| {config} | {r["topology"]} ({r["chips"]}) | {r["batch_per_chip"]} | {memory} | '
+          f'{fits} | {flops} | {hours["at_peak"]:.1f} / {hours["at_50pct"]:.1f} | {wall:.0f} s |')
+
+
+def main(argv):
+  del argv
+  print(f'# {machine_lib.cpu()}; plan {"--noeval" if _NOEVAL.value else "with the evaluators"}',
+        flush=True)
+  print('| config | slice (chips) | images per chip | GiB per chip (usable) | fits | '
+        'PFLOP per step | hours | plan wall |')
+  print('| --- | --- | --- | --- | --- | --- | --- | --- |', flush=True)
+  for pair in _ROWS.value.split(','):
+    config, topology = pair.strip().split(':')
+    report, wall, err = run_plan(config, topology, _NOEVAL.value, _TIMEOUT.value)
+    if report is None:
+      print(f'| {config} | {topology} | plan failed after {wall:.0f} s: '
+            f'{err.splitlines()[-1] if err else "?"} |', flush=True)
+      continue
+    print(markdown_row(config, report, wall), flush=True)
+    if _JSON_OUT.value:
+      with open(_JSON_OUT.value, 'a') as f:
+        f.write(json.dumps(dict(report, plan_wall_seconds=round(wall, 1))) + '\n')
+
+
+if __name__ == '__main__':
+  app.run(main)
