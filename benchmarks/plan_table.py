@@ -5,7 +5,7 @@
 
 Each row runs `python -m lejepa_jax.plan --config=configs/CONFIG.py --topology=SLICE` in its
 own process (nothing else from this script runs beside it) and prints one markdown row:
-images per chip, GiB per chip (usable), fits (or plan's reason), PFLOP per step (compiled /
+images per chip, GiB per chip (usable), fits (or the first sentence of plan's reason), PFLOP per step (compiled /
 model), estimated hours (at the chip's bf16 peak / at 50% of it) and the wall time of that
 `plan` process. The first line names the CPU, since the wall times depend on it (libtpu's
 compiler; the evaluators' programs are compiled too unless --noeval). `--json_out` keeps every
@@ -61,7 +61,7 @@ def markdown_row(config: str, r: dict, wall: float) -> str:
     memory = f'>= {r["train_step_bytes_per_chip"] / GIB:.1f} {usable}'
   else:                                         # nothing compiled (an axis that does not divide)
     memory = f'- {usable}'
-  fits = 'yes' if r['fits'] else f'no: {r["reason"]}'
+  fits = 'yes' if r['fits'] else f'no: {r["reason"].split(". ")[0]}'   # the reason's first sentence
   flops = f'{r["flops_per_step"] / 1e15:.2f} / {r["model_flops_per_step"] / 1e15:.2f}'
   hours = r['estimated_hours']
   return (f'| {config} | {r["topology"]} ({r["chips"]}) | {r["batch_per_chip"]} | {memory} | '
