@@ -16,6 +16,7 @@ chip, PFLOP per step and hours with them, and the wall time of the search. Needs
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -65,7 +66,7 @@ def markdown_row(config: str, r: dict, wall: float) -> str:
     memory = f'>= {r["train_step_bytes_per_chip"] / GIB:.1f} {usable}'
   else:                                         # nothing compiled (an axis that does not divide)
     memory = f'- {usable}'
-  fits = 'yes' if r['fits'] else f'no: {r["reason"].split(". ")[0]}'   # the reason's first sentence
+  fits = 'yes' if r['fits'] else f'no: {re.split(r"[.] (?=[A-Z])", r["reason"])[0]}'  # 1st sentence
   flops = f'{r["flops_per_step"] / 1e15:.2f} / {r["model_flops_per_step"] / 1e15:.2f}'
   hours = r['estimated_hours']
   return (f'| {config} | {r["topology"]} ({r["chips"]}) | {r["batch_per_chip"]} | {memory} | '
