@@ -60,12 +60,11 @@ def run_plan(config: str, topology: str, extra: list, timeout: int) -> tuple[dic
 def markdown_row(config: str, r: dict, wall: float) -> str:
   """One row: config | slice (chips) | images per chip | GiB (usable) | fits | PFLOP | hours | wall."""
   usable = f'({r["usable_bytes_per_chip"] / GIB:.1f})'
-  if r.get('bytes_per_chip') is not None:
-    memory = f'{r["bytes_per_chip"] / GIB:.1f} {usable}'
-  elif r.get('train_step_bytes_per_chip'):      # RESOURCE_EXHAUSTED: what the compiler asked for
-    memory = f'>= {r["train_step_bytes_per_chip"] / GIB:.1f} {usable}'
-  else:                                         # nothing compiled (an axis that does not divide)
+  if r['bytes_per_chip'] is None:               # nothing compiled (an axis that does not divide)
     memory = f'- {usable}'
+  else:   # no compiled train step: RESOURCE_EXHAUSTED, the bytes XLA asked for are a lower bound
+    at_least = '' if 'train_step' in r['functions'] else '>= '
+    memory = f'{at_least}{r["bytes_per_chip"] / GIB:.1f} {usable}'
   fits = 'yes' if r['fits'] else f'no: {re.split(r"[.] (?=[A-Z])", r["reason"])[0]}'  # 1st sentence
   flops = f'{r["flops_per_step"] / 1e15:.2f} / {r["model_flops_per_step"] / 1e15:.2f}'
   hours = r['estimated_hours']
@@ -82,7 +81,7 @@ def search_row(config: str, r: dict, wall: float) -> str:
     return f'| {config} | {r["topology"]} | nothing fits: {s["reason"]} | | | | {wall:.0f} s |'
   hours = s.get('estimated_hours') or r['estimated_hours']
   flops = s.get('flops_per_step') or r['flops_per_step']
-  picks = ' '.join(f'`{f}`' for f in s['flags']) or '(the config)'
+  picks = ' '.join(f'`{f}`' for f in s['flags'])
   return (f'| {config} | {r["topology"]} | {picks} | {s["train_step_bytes_per_chip"] / GIB:.1f} | '
           f'{flops / 1e15:.2f} | {hours["at_peak"]:.1f} / {hours["at_50pct"]:.1f} | {wall:.0f} s |')
 
